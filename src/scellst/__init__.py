@@ -1,0 +1,14 @@
+"""scellst: single-cell gene expression from H&E histology, trained on spot transcriptomics, inside SpatialData."""
+
+from __future__ import annotations
+
+from importlib.metadata import PackageNotFoundError, version
+
+try:
+    __version__ = version("scellst")
+except PackageNotFoundError:  # pragma: no cover - running from a source tree
+    __version__ = "0.0.0+unknown"
+
+from . import datasets, io, pl, pp, tl
+
+__all__ = ["__version__", "datasets", "io", "pl", "pp", "tl"]

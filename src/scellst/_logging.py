@@ -1,0 +1,11 @@
+from __future__ import annotations
+
+import logging
+
+logger = logging.getLogger("scellst")
+if not logger.handlers:
+    _handler = logging.StreamHandler()
+    _handler.setFormatter(logging.Formatter("%(levelname)s [scellst] %(message)s"))
+    logger.addHandler(_handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False

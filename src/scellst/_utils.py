@@ -1,0 +1,305 @@
+"""Internal helpers: element look-up, physical scale, coordinate frames and safe writes."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+
+from ._constants import Attr
+from ._logging import logger
+
+if TYPE_CHECKING:
+    import geopandas as gpd
+    import xarray as xr
+    from anndata import AnnData
+    from spatialdata import SpatialData
+
+ElementKind = Literal["images", "labels", "points", "shapes", "tables"]
+_KINDS: tuple[ElementKind, ...] = ("images", "labels", "points", "shapes", "tables")
+
+
+def all_element_names(sdata: SpatialData) -> list[str]:
+    """Names of every element of every type."""
+    names: list[str] = []
+    for kind in _KINDS:
+        names.extend(getattr(sdata, kind).keys())
+    return names
+
+
+def get_key(sdata: SpatialData, kind: ElementKind, key: str | None, *, what: str | None = None) -> str:
+    """Resolve the key of an element of one type; ``None`` means the only element of that type.
+
+    Raises a :class:`KeyError` that lists the available elements when the key does not exist or is ambiguous.
+    """
+    elements = getattr(sdata, kind)
+    what = what or kind[:-1]
+    if key is None:
+        if len(elements) == 1:
+            return next(iter(elements.keys()))
+        if len(elements) == 0:
+            raise KeyError(f"The SpatialData object has no {kind}; cannot find the {what}. Add one first.")
+        raise KeyError(
+            f"The SpatialData object has several {kind} ({', '.join(map(repr, elements.keys()))}); "
+            f"pass the key of the {what} explicitly."
+        )
+    if key not in elements:
+        available = ", ".join(map(repr, elements.keys())) or "none"
+        raise KeyError(f"No {what} {key!r} in sdata.{kind}. Available {kind}: {available}.")
+    return key
+
+
+def scellst_attrs(sdata: SpatialData) -> dict[str, Any]:
+    """The ``sdata.attrs['scellst']`` dictionary, created if missing."""
+    root = sdata.attrs.get(Attr.ROOT)
+    if root is None:
+        root = {}
+        sdata.attrs[Attr.ROOT] = root
+    return root
+
+
+def record_attr(sdata: SpatialData, section: str, key: str, value: Any) -> None:
+    """Record ``value`` under ``sdata.attrs['scellst'][section][key]`` and persist it if the object is backed."""
+    root = scellst_attrs(sdata)
+    sec = dict(root.get(section, {}))
+    sec[key] = value
+    root[section] = sec
+    if sdata.is_backed():
+        sdata.write_attrs()
+
+
+def set_microns_per_pixel(sdata: SpatialData, image_key: str | None = None, *, microns_per_pixel: float) -> None:
+    """Record the physical pixel size of an image (level 0) in ``sdata.attrs['scellst']``.
+
+    Parameters
+    ----------
+    sdata
+        The SpatialData object.
+    image_key
+        The image; ``None`` for the only image.
+    microns_per_pixel
+        Size of one full-resolution pixel in microns (e.g. ``0.5`` for a 20x scan).
+    """
+    image_key = get_key(sdata, "images", image_key, what="image")
+    mpp = float(microns_per_pixel)
+    if not np.isfinite(mpp) or mpp <= 0:
+        raise ValueError(f"`microns_per_pixel` must be a positive number, got {microns_per_pixel!r}.")
+    if mpp > 20:
+        raise ValueError(
+            f"`microns_per_pixel`={mpp} is implausibly large for an H&E image (expected about 0.1-5 um per pixel). "
+            "Pass the size of one full-resolution pixel in microns."
+        )
+    record_attr(sdata, Attr.MICRONS_PER_PIXEL, image_key, mpp)
+
+
+def get_microns_per_pixel(sdata: SpatialData, image_key: str) -> float:
+    """The recorded physical size of a level-0 pixel of ``image_key``, with a helpful error when it is missing."""
+    value = scellst_attrs(sdata).get(Attr.MICRONS_PER_PIXEL, {}).get(image_key)
+    if value is None:
+        raise ValueError(
+            f"The microns per pixel of image {image_key!r} are unknown, and scellst expresses every size in microns. "
+            f"Record them with `scellst.io.set_microns_per_pixel(sdata, {image_key!r}, microns_per_pixel=...)` "
+            "(about 0.25 at 40x, 0.5 at 20x), or read the data with a scellst reader that derives them."
+        )
+    return float(value)
+
+
+def image_level0(sdata: SpatialData, image_key: str) -> xr.DataArray:
+    """The full-resolution level of an image as a lazy ``(c, y, x)`` DataArray."""
+    import xarray as xr
+
+    img = sdata.images[image_key]
+    if isinstance(img, xr.DataTree):
+        first = sorted(img.children)[0]
+        arr = next(iter(img[first].ds.data_vars.values()))
+    else:
+        arr = img
+    if tuple(arr.dims) != ("c", "y", "x"):
+        raise ValueError(f"Image {image_key!r} has dims {arr.dims}; scellst expects a 2D (c, y, x) image.")
+    return arr
+
+
+def image_rgb_tile(arr: xr.DataArray, y0: int, y1: int | None, x0: int, x1: int | None) -> np.ndarray:
+    """Read one tile of a lazy (c, y, x) image as ``(y, x, 3)`` uint8 RGB."""
+    data = arr.data[:, y0:y1, x0:x1]
+    if hasattr(data, "compute"):
+        data = data.compute()
+    return to_rgb_uint8(np.asarray(data))
+
+
+def to_rgb_uint8(chw: np.ndarray) -> np.ndarray:
+    """Convert a ``(c, y, x)`` array (uint8, uint16 or float) to ``(y, x, 3)`` uint8 RGB."""
+    tile = np.moveaxis(np.asarray(chw), 0, -1)
+    if tile.shape[-1] == 4:
+        tile = tile[..., :3]
+    elif tile.shape[-1] == 1:
+        tile = np.repeat(tile, 3, axis=-1)
+    elif tile.shape[-1] != 3:
+        raise ValueError(f"Expected an RGB image with 3 channels, got {tile.shape[-1]} channels.")
+    if tile.dtype != np.uint8:
+        if np.issubdtype(tile.dtype, np.floating) and np.nanmax(tile, initial=0) <= 1.0:
+            tile = tile * 255.0
+        elif tile.dtype == np.uint16:
+            tile = tile / 257.0
+        tile = np.clip(tile, 0, 255).astype(np.uint8)
+    return tile
+
+
+def affine_to_cs(element: Any, coordinate_system: str) -> np.ndarray:
+    """3x3 affine matrix (x, y) mapping an element's intrinsic frame into ``coordinate_system``."""
+    from spatialdata.transformations import get_transformation
+
+    tr = get_transformation(element, to_coordinate_system=coordinate_system)
+    return np.asarray(tr.to_affine_matrix(input_axes=("x", "y"), output_axes=("x", "y")), dtype=float)
+
+
+def shared_coordinate_system(sdata: SpatialData, key_a: str, key_b: str) -> str:
+    """A coordinate system that both elements are registered in (``global`` preferred)."""
+    from spatialdata.transformations import get_transformation
+
+    cs_a = set(get_transformation(sdata[key_a], get_all=True))
+    cs_b = set(get_transformation(sdata[key_b], get_all=True))
+    shared = cs_a & cs_b
+    if not shared:
+        raise ValueError(
+            f"Elements {key_a!r} (coordinate systems {sorted(cs_a)}) and {key_b!r} ({sorted(cs_b)}) share no "
+            "coordinate system, so their positions cannot be compared. Register them in a common one with "
+            "`spatialdata.transformations.set_transformation`."
+        )
+    for preferred in ("global", *sorted(shared)):
+        if preferred in shared:
+            return preferred
+    raise AssertionError("unreachable")
+
+
+def intrinsic_to_intrinsic(sdata: SpatialData, src_key: str, dst_key: str) -> np.ndarray:
+    """3x3 affine mapping (x, y) in the intrinsic frame of ``src_key`` into the intrinsic frame of ``dst_key``."""
+    cs = shared_coordinate_system(sdata, src_key, dst_key)
+    a_src = affine_to_cs(sdata[src_key], cs)
+    a_dst = affine_to_cs(sdata[dst_key], cs)
+    return np.linalg.inv(a_dst) @ a_src
+
+
+def apply_affine(matrix: np.ndarray, xy: np.ndarray) -> np.ndarray:
+    """Apply a 3x3 affine to an ``(n, 2)`` array of (x, y)."""
+    xy = np.asarray(xy, dtype=float)
+    return xy @ matrix[:2, :2].T + matrix[:2, 2]
+
+
+def affine_scale(matrix: np.ndarray) -> float:
+    """Isotropic scale factor of an affine (geometric mean of the singular values)."""
+    return float(np.sqrt(abs(np.linalg.det(matrix[:2, :2]))))
+
+
+def shapes_centroids(gdf: gpd.GeoDataFrame) -> np.ndarray:
+    """``(n, 2)`` centroids (x, y) of points or polygons in their intrinsic frame."""
+    geom = gdf.geometry
+    if len(geom) == 0:
+        return np.zeros((0, 2))
+    if (geom.geom_type == "Point").all():
+        return np.column_stack([geom.x.to_numpy(), geom.y.to_numpy()])
+    c = geom.centroid
+    return np.column_stack([c.x.to_numpy(), c.y.to_numpy()])
+
+
+def check_writable(sdata: SpatialData, key: str, *, overwrite: bool) -> None:
+    """Refuse to replace an existing element unless ``overwrite=True``."""
+    if key in all_element_names(sdata) and not overwrite:
+        raise ValueError(
+            f"An element named {key!r} already exists in the SpatialData object. Pass `overwrite=True` to replace "
+            "it, or choose another name with `key_added`."
+        )
+
+
+def write_element(sdata: SpatialData, key: str, element: Any, *, overwrite: bool, what: str) -> None:
+    """Add an element in place (and to disk for a backed object), refusing silent overwrites."""
+    check_writable(sdata, key, overwrite=overwrite)
+    on_disk = False
+    if sdata.is_backed():
+        on_disk = key in _elements_on_disk(sdata)
+    if key in all_element_names(sdata):
+        del sdata[key]
+    sdata[key] = element
+    if sdata.is_backed():
+        if on_disk:
+            sdata.delete_element_from_disk(key)
+        sdata.write_element(key)
+    logger.info(f"Added {what} to sdata[{key!r}]")
+
+
+def _elements_on_disk(sdata: SpatialData) -> set[str]:
+    try:
+        return {name.split("/")[-1] for name in sdata.elements_paths_on_disk()}
+    except (AttributeError, ValueError, OSError):
+        return set()
+
+
+def provenance(params: Mapping[str, Any], **extra: Any) -> dict[str, Any]:
+    """A zarr-serialisable provenance record for ``table.uns['scellst']``."""
+    from . import __version__
+
+    out: dict[str, Any] = {"version": __version__}
+    out.update({k: _serialisable(v) for k, v in params.items()})
+    out.update({k: _serialisable(v) for k, v in extra.items()})
+    return out
+
+
+def _serialisable(value: Any) -> Any:
+    if value is None:
+        return "None"
+    if isinstance(value, str | bool | int | float):
+        return value
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, Mapping):
+        return {str(k): _serialisable(v) for k, v in value.items()}
+    if isinstance(value, Iterable):
+        return [_serialisable(v) for v in value]
+    return str(value)
+
+
+def tile_grid(height: int, width: int, tile_size: int) -> list[tuple[int, int, int, int]]:
+    """Core tiles ``(y0, y1, x0, x1)`` covering an image."""
+    tiles = []
+    for y0 in range(0, height, tile_size):
+        for x0 in range(0, width, tile_size):
+            tiles.append((y0, min(y0 + tile_size, height), x0, min(x0 + tile_size, width)))
+    return tiles
+
+
+def as_list(x: Any) -> list:
+    """Wrap a single object in a list."""
+    if isinstance(x, list | tuple):
+        return list(x)
+    return [x]
+
+
+def table_for_region(sdata: SpatialData, region: str, table_key: str | None, *, what: str) -> str:
+    """Key of the table annotating ``region``; ``None`` finds the only such table."""
+    if table_key is not None:
+        return get_key(sdata, "tables", table_key, what=what)
+    candidates = []
+    for name, table in sdata.tables.items():
+        attrs = table.uns.get("spatialdata_attrs", {})
+        regions = attrs.get("region", [])
+        regions = [regions] if isinstance(regions, str) else list(regions)
+        if region in regions:
+            candidates.append(name)
+    if len(candidates) == 1:
+        return candidates[0]
+    if not candidates:
+        raise KeyError(f"No table annotates {region!r}; pass the {what} key explicitly.")
+    raise KeyError(f"Several tables annotate {region!r} ({', '.join(map(repr, candidates))}); pass the {what} key.")
+
+
+def instance_ids(table: AnnData) -> np.ndarray:
+    """The instance-key column of a SpatialData table, as strings."""
+    key = table.uns["spatialdata_attrs"]["instance_key"]
+    return table.obs[key].astype(str).to_numpy()
+
+
+def persist(sdata: SpatialData, key: str) -> None:
+    """Rewrite an element that scellst modified in place (new columns) to disk when the object is backed."""
+    if sdata.is_backed() and key in _elements_on_disk(sdata):
+        sdata.write_element(key, overwrite=True)

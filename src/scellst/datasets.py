@@ -1,0 +1,362 @@
+"""Datasets: the embedded synthetic tissue and loaders for public data (no downloads)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pandas as pd
+
+from ._constants import ST_SPOT_DIAMETER_UM, ST_SPOT_PITCH_UM, VISIUM_SPOT_DIAMETER_UM, VISIUM_SPOT_PITCH_UM, Col, Key
+from ._logging import logger
+
+if TYPE_CHECKING:
+    from spatialdata import SpatialData
+
+__all__ = ["data_dir", "her2st", "synthetic_tissue"]
+
+# Optical densities of haematoxylin and eosin (Ruifrok & Johnston), used to render H&E from stain concentrations.
+_H_OD = np.array([0.65, 0.70, 0.29])
+_E_OD = np.array([0.07, 0.99, 0.11])
+
+
+@dataclass(frozen=True)
+class _CellType:
+    name: str
+    axis_um: float  # mean semi-major axis
+    aspect: tuple[float, float]  # range of minor/major ratio
+    hematoxylin: float  # mean nuclear stain concentration
+    texture: float  # chromatin heterogeneity
+    halo_eosin: float  # cytoplasm eosin around the nucleus
+    markers: tuple[str, ...]
+
+
+_TYPES: tuple[_CellType, ...] = (
+    _CellType("tumour", 4.3, (0.72, 0.95), 0.55, 0.35, 0.10, ("EPCAM", "KRT8", "KRT18", "ERBB2")),
+    _CellType("fibroblast", 5.6, (0.22, 0.32), 0.85, 0.10, 0.00, ("COL1A1", "COL1A2", "DCN", "LUM")),
+    _CellType("lymphocyte", 2.6, (0.85, 1.00), 1.25, 0.08, 0.00, ("PTPRC", "CD3E", "CD2", "MS4A1")),
+    _CellType("macrophage", 3.8, (0.60, 0.80), 0.62, 0.20, 0.35, ("CD68", "CD163", "LYZ", "C1QA")),
+    _CellType("endothelial", 4.6, (0.32, 0.45), 0.70, 0.10, 0.00, ("PECAM1", "VWF", "CDH5", "PLVAP")),
+)
+_PROLIFERATION = ("MKI67", "TOP2A", "CCNB1")
+_HOUSEKEEPING = ("ACTB", "GAPDH", "B2M", "MALAT1")
+# region -> (cell spacing in um, {type: probability})
+_REGIONS = {
+    "stroma": (15.0, {"fibroblast": 0.62, "endothelial": 0.16, "lymphocyte": 0.13, "macrophage": 0.09}),
+    "tumour": (10.5, {"tumour": 0.88, "lymphocyte": 0.07, "macrophage": 0.05}),
+    "immune": (8.0, {"lymphocyte": 0.76, "macrophage": 0.14, "fibroblast": 0.10}),
+}
+
+
+def _smooth_field(rng: np.random.Generator, shape: tuple[int, int], sigma: float) -> np.ndarray:
+    from scipy.ndimage import gaussian_filter
+
+    f = gaussian_filter(rng.normal(size=shape), sigma=sigma, mode="wrap")
+    return (f - f.mean()) / (f.std() + 1e-12)
+
+
+def _upsample(field: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    from scipy.ndimage import zoom
+
+    out = zoom(field, (shape[0] / field.shape[0], shape[1] / field.shape[1]), order=1)
+    return out[: shape[0], : shape[1]]
+
+
+def _hex_grid(width_um: float, height_um: float, pitch_um: float, margin_um: float) -> np.ndarray:
+    dy = pitch_um * np.sqrt(3) / 2
+    pts = []
+    for i, y in enumerate(np.arange(margin_um, height_um - margin_um + 1e-9, dy)):
+        x0 = margin_um + (pitch_um / 2 if i % 2 else 0.0)
+        for x in np.arange(x0, width_um - margin_um + 1e-9, pitch_um):
+            pts.append((x, y))
+    return np.asarray(pts)
+
+
+def synthetic_tissue(
+    *,
+    seed: int = 0,
+    size_um: tuple[float, float] = (1600.0, 1600.0),
+    microns_per_pixel: float = 0.5,
+    spot_diameter_um: float = VISIUM_SPOT_DIAMETER_UM,
+    spot_pitch_um: float = VISIUM_SPOT_PITCH_UM,
+    counts_per_cell: float = 60.0,
+    dispersion: float = 20.0,
+) -> SpatialData:
+    """A procedurally generated H&E-like tissue with spot transcriptomics and the true expression of every cell.
+
+    Five cell types differ in nuclear size, shape and stain (tumour, fibroblast, lymphocyte, macrophage,
+    endothelial). Tumour nests, stroma and immune clusters give spatial structure. Each cell expresses its type's
+    marker genes, housekeeping genes and, for tumour cells, proliferation genes that follow a latent state which
+    also enlarges and darkens the nucleus (so morphology carries information beyond the type). A hexagonal grid of
+    spots (Visium-like: 55 um spots at 100 um pitch by default) sums the counts of the cells whose centre lies in
+    the spot, with negative-binomial noise.
+
+    Parameters
+    ----------
+    seed
+        Random seed; the output is deterministic per seed.
+    size_um
+        Tissue width and height in microns.
+    microns_per_pixel
+        Resolution of the rendered image.
+    spot_diameter_um, spot_pitch_um
+        Spot geometry.
+    counts_per_cell
+        Mean number of UMIs contributed by one cell.
+    dispersion
+        Negative-binomial inverse dispersion of spot counts (larger is closer to Poisson).
+
+    Returns
+    -------
+    A SpatialData laid out as :func:`scellst.io.from_spots` builds it (``he``, ``spots``, ``spots_counts``), plus
+    ``shapes['true_cells']`` (nucleus centres with radius) and ``tables['true_expression']`` (cells x genes: the
+    expected counts of each cell in ``X``, sampled counts in ``layers['counts']``, ``obs['cell_type']``).
+    """
+    from scipy.ndimage import gaussian_filter
+    from scipy.spatial import cKDTree
+
+    from .io import from_spots
+
+    rng = np.random.default_rng(seed)
+    mpp = float(microns_per_pixel)
+    width_um, height_um = map(float, size_um)
+    h_px, w_px = int(round(height_um / mpp)), int(round(width_um / mpp))
+
+    # --- tissue architecture on a 5 um grid -------------------------------------------------------------------
+    coarse = (max(int(height_um / 5), 8), max(int(width_um / 5), 8))
+    nest = _smooth_field(rng, coarse, sigma=14)
+    immune = _smooth_field(rng, coarse, sigma=6)
+    flow = _smooth_field(rng, coarse, sigma=20) * np.pi
+
+    def region_at(x_um: np.ndarray, y_um: np.ndarray) -> np.ndarray:
+        iy = np.clip((y_um / 5).astype(int), 0, coarse[0] - 1)
+        ix = np.clip((x_um / 5).astype(int), 0, coarse[1] - 1)
+        reg = np.zeros(len(x_um), dtype=int)  # 0 stroma
+        reg[immune[iy, ix] > 1.1] = 2
+        reg[nest[iy, ix] > 0.35] = 1
+        return reg
+
+    region_names = ("stroma", "tumour", "immune")
+    type_index = {t.name: i for i, t in enumerate(_TYPES)}
+
+    # --- cells: jittered grids per region -------------------------------------------------------------------
+    xs, ys, types = [], [], []
+    for r, name in enumerate(region_names):
+        spacing, probs = _REGIONS[name]
+        gx, gy = np.meshgrid(np.arange(spacing / 2, width_um, spacing), np.arange(spacing / 2, height_um, spacing))
+        gx = gx.ravel() + rng.uniform(-0.3, 0.3, gx.size) * spacing
+        gy = gy.ravel() + rng.uniform(-0.3, 0.3, gy.size) * spacing
+        keep = (region_at(gx, gy) == r) & (gx > 4) & (gy > 4) & (gx < width_um - 4) & (gy < height_um - 4)
+        gx, gy = gx[keep], gy[keep]
+        names, p = zip(*probs.items(), strict=True)
+        t = rng.choice([type_index[n] for n in names], size=gx.size, p=np.asarray(p) / np.sum(p))
+        xs.append(gx)
+        ys.append(gy)
+        types.append(t)
+    x_um, y_um, cell_type = np.concatenate(xs), np.concatenate(ys), np.concatenate(types)
+    n_cells = len(x_um)
+    state = rng.normal(size=n_cells)  # latent tumour state (proliferation), visible in the nucleus
+
+    # --- morphology ------------------------------------------------------------------------------------------
+    axis = np.array([_TYPES[t].axis_um for t in cell_type]) * np.exp(rng.normal(0, 0.08, n_cells))
+    is_tumour = cell_type == type_index["tumour"]
+    axis[is_tumour] *= np.exp(0.13 * state[is_tumour])
+    lo = np.array([_TYPES[t].aspect[0] for t in cell_type])
+    hi = np.array([_TYPES[t].aspect[1] for t in cell_type])
+    minor = axis * rng.uniform(lo, hi)
+    iy = np.clip((y_um / 5).astype(int), 0, coarse[0] - 1)
+    ix = np.clip((x_um / 5).astype(int), 0, coarse[1] - 1)
+    angle = np.where(np.isin(cell_type, [type_index["fibroblast"], type_index["endothelial"]]), flow[iy, ix], 0.0)
+    angle = angle + rng.normal(0, 0.25, n_cells)
+    angle[np.isin(cell_type, [type_index[n] for n in ("tumour", "lymphocyte", "macrophage")])] = rng.uniform(
+        0, np.pi, int(np.isin(cell_type, [type_index[n] for n in ("tumour", "lymphocyte", "macrophage")]).sum())
+    )
+    hema = np.array([_TYPES[t].hematoxylin for t in cell_type]) * np.exp(rng.normal(0, 0.08, n_cells))
+    hema[is_tumour] *= np.exp(0.12 * state[is_tumour])
+
+    # --- render stain concentrations, then Beer-Lambert to RGB ----------------------------------------------
+    region_px = _upsample(nest, (h_px, w_px)) > 0.35
+    immune_px = (_upsample(immune, (h_px, w_px)) > 1.1) & ~region_px
+    fibres = gaussian_filter(rng.normal(size=(h_px, w_px)).astype(np.float32), sigma=(1.0, 3.0))
+    fibres /= fibres.std() + 1e-6
+    eosin = np.where(region_px, 0.30, np.where(immune_px, 0.22, 0.50)).astype(np.float32)
+    eosin = gaussian_filter(eosin, 2.0) * (1 + 0.25 * fibres * (~region_px))
+    hema_img = np.full((h_px, w_px), 0.03, dtype=np.float32)
+    for i in range(n_cells):
+        t = _TYPES[cell_type[i]]
+        a, b = axis[i] / mpp, minor[i] / mpp
+        halo = 1.9 if t.halo_eosin > 0 else 1.15
+        r = int(np.ceil(a * halo)) + 2
+        cx, cy = x_um[i] / mpp, y_um[i] / mpp
+        x0, x1 = max(int(cx) - r, 0), min(int(cx) + r + 1, w_px)
+        y0, y1 = max(int(cy) - r, 0), min(int(cy) + r + 1, h_px)
+        yy, xx = np.mgrid[y0:y1, x0:x1]
+        dx, dy = xx - cx, yy - cy
+        ca, sa = np.cos(angle[i]), np.sin(angle[i])
+        u, v = dx * ca + dy * sa, -dx * sa + dy * ca
+        d = np.sqrt((u / a) ** 2 + (v / b) ** 2)
+        mask = np.clip((1.06 - d) / 0.18, 0, 1)
+        chromatin = 1 + t.texture * rng.normal(size=mask.shape)
+        nucleus = hema[i] * mask * np.clip(chromatin, 0.3, 2.0)
+        hema_img[y0:y1, x0:x1] = np.maximum(hema_img[y0:y1, x0:x1], nucleus)
+        if t.halo_eosin > 0:
+            ring = np.clip((halo - d) / 0.3, 0, 1) * (1 - mask)
+            eosin[y0:y1, x0:x1] += t.halo_eosin * ring
+    hema_img = gaussian_filter(hema_img, 0.6)
+    od = hema_img[..., None] * _H_OD + eosin[..., None] * _E_OD
+    rgb = 255.0 * np.exp(-od) * 0.96 + rng.normal(0, 2.5, size=od.shape)
+    image = np.clip(rgb, 0, 255).astype(np.uint8)
+
+    # --- expression programs ------------------------------------------------------------------------------------
+    genes = [g for t in _TYPES for g in t.markers] + list(_PROLIFERATION) + list(_HOUSEKEEPING)
+    n_genes = len(genes)
+    base = np.full((len(_TYPES), n_genes), 0.05)
+    for ti, t in enumerate(_TYPES):
+        for g in t.markers:
+            base[ti, genes.index(g)] = rng.uniform(3.0, 9.0)
+    for g in _PROLIFERATION:
+        base[type_index["tumour"], genes.index(g)] = rng.uniform(1.0, 2.5)
+        base[type_index["lymphocyte"], genes.index(g)] = 0.3
+    for g in _HOUSEKEEPING:
+        base[:, genes.index(g)] = rng.uniform(4.0, 10.0) * np.exp(rng.normal(0, 0.3, len(_TYPES)))
+    base *= counts_per_cell / base.sum(axis=1, keepdims=True)
+    size = np.exp(rng.normal(0, 0.2, n_cells)) * (axis / axis.mean()) ** 0.5
+    noise = np.exp(rng.normal(0, 0.25, (n_cells, n_genes)))
+    mu = base[cell_type] * size[:, None] * noise
+    prolif = [genes.index(g) for g in _PROLIFERATION]
+    mu[np.ix_(is_tumour, prolif)] *= np.exp(0.9 * state[is_tumour])[:, None]
+    cell_counts = rng.poisson(mu)
+
+    # --- spots ------------------------------------------------------------------------------------------------
+    spot_um = _hex_grid(width_um, height_um, spot_pitch_um, margin_um=spot_diameter_um / 2 + 5)
+    tree = cKDTree(np.column_stack([x_um, y_um]))
+    members = tree.query_ball_point(spot_um, r=spot_diameter_um / 2)
+    spot_mu = np.stack([mu[m].sum(axis=0) if len(m) else np.zeros(n_genes) for m in members])
+    lam = rng.gamma(dispersion, spot_mu / dispersion)
+    spot_counts = rng.poisson(lam).astype(np.float32)
+    spot_ids = [f"spot_{i}" for i in range(len(spot_um))]
+    counts = pd.DataFrame(spot_counts, index=spot_ids, columns=genes)
+
+    sdata = from_spots(
+        image,
+        spot_xy=spot_um / mpp,
+        spot_diameter_um=spot_diameter_um,
+        counts=counts,
+        microns_per_pixel=mpp,
+        chunks=1024,
+    )
+    _add_truth(sdata, x_um / mpp, y_um / mpp, axis / mpp, mu, cell_counts, genes, cell_type, mpp)
+    sdata.tables[Key.SPOTS_COUNTS].obs[Col.N_CELLS] = np.array([len(m) for m in members])
+    logger.info(
+        f"Synthetic tissue (seed {seed}): {w_px:,} x {h_px:,} px, {n_cells:,} cells, {len(spot_um)} spots, "
+        f"{n_genes} genes"
+    )
+    return sdata
+
+
+def _add_truth(sdata, x_px, y_px, radius_px, mu, cell_counts, genes, cell_type, mpp) -> None:
+    import anndata as ad
+    import geopandas as gpd
+    from spatialdata.models import ShapesModel, TableModel
+    from spatialdata.transformations import Scale
+
+    n = len(x_px)
+    ids = np.arange(1, n + 1)
+    gdf = gpd.GeoDataFrame(
+        {Col.RADIUS: radius_px}, geometry=gpd.points_from_xy(x_px, y_px), index=pd.Index(ids, name=Col.CELL_ID)
+    )
+    sdata.shapes[Key.TRUE_CELLS] = ShapesModel.parse(gdf, transformations={"global": Scale([mpp, mpp], ("y", "x"))})
+    obs = pd.DataFrame(
+        {
+            Col.CELL_ID: ids,
+            Col.REGION: pd.Categorical([Key.TRUE_CELLS] * n),
+            Col.CELL_TYPE: pd.Categorical([_TYPES[t].name for t in cell_type]),
+        },
+        index=ids.astype(str),
+    )
+    adata = ad.AnnData(X=mu.astype(np.float32), obs=obs, var=pd.DataFrame(index=genes))
+    adata.layers["counts"] = cell_counts.astype(np.float32)
+    adata.obsm["spatial"] = np.column_stack([x_px, y_px])
+    sdata.tables[Key.TRUE_EXPRESSION] = TableModel.parse(
+        adata, region=Key.TRUE_CELLS, region_key=Col.REGION, instance_key=Col.CELL_ID
+    )
+
+
+def data_dir(name: str | None = None, *, path: str | Path | None = None) -> Path:
+    """Folder of a public dataset: ``path`` if given, else ``$SCELLST_DATA_DIR/<name>``, else ``../shared/data``."""
+    if path is not None:
+        p = Path(path)
+    else:
+        root = os.environ.get("SCELLST_DATA_DIR")
+        p = Path(root) if root else Path.cwd().parent / "shared" / "data"
+        if name is not None:
+            p = p / name
+    if not p.exists():
+        raise FileNotFoundError(
+            f"Data folder {str(p)!r} does not exist. Pass `path=` or set the SCELLST_DATA_DIR environment variable "
+            "to the folder that holds the public datasets."
+        )
+    return p
+
+
+def her2st(section: str, *, path: str | Path | None = None) -> SpatialData:
+    """Read one section of the public HER2+ breast cancer Spatial Transcriptomics data (Andersson et al. 2021).
+
+    Expects the public layout: ``images/<S>_*.jpg``, ``counts/<S>.tsv.gz`` (rows ``"{x}x{y}"``, raw counts) and
+    ``spots/<S>_selection.tsv`` (array ``x``, ``y`` and ``pixel_x``, ``pixel_y``). Nothing is downloaded. The
+    microns per pixel are fitted from the 200 um spot pitch; spots are 100 um across.
+
+    Parameters
+    ----------
+    section
+        Section name, e.g. ``"C2"``.
+    path
+        The ``her2st`` folder (default: ``$SCELLST_DATA_DIR/her2st`` or ``../shared/data/her2st``).
+
+    Returns
+    -------
+    A SpatialData as built by :func:`scellst.io.from_spots`, with ``obs['array_x']``, ``obs['array_y']`` on the
+    spot table and, when available, the stereoscope cell-type proportions in ``obsm['deconv']``.
+    """
+    from .io import from_spots
+
+    root = data_dir("her2st", path=path)
+    images = sorted((root / "images").glob(f"{section}_*.jpg"))
+    counts_file = root / "counts" / f"{section}.tsv.gz"
+    spots_file = root / "spots" / f"{section}_selection.tsv"
+    if not images or not counts_file.exists() or not spots_file.exists():
+        available = sorted(p.name.split(".")[0] for p in (root / "counts").glob("*.tsv.gz"))
+        raise FileNotFoundError(f"Section {section!r} is incomplete or missing in {str(root)!r}; found {available}.")
+    counts = pd.read_csv(counts_file, sep="\t", index_col=0)
+    counts.index = counts.index.astype(str)
+    spots = pd.read_csv(spots_file, sep="\t")
+    if "selected" in spots:
+        spots = spots[spots["selected"] == 1]
+    spots.index = [f"{x}x{y}" for x, y in zip(spots["x"], spots["y"], strict=True)]
+    shared = spots.index.intersection(counts.index)
+    if len(shared) == 0:
+        raise ValueError(f"No spot of {spots_file.name} matches a row of {counts_file.name}.")
+    spots, counts = spots.loc[shared], counts.loc[shared]
+    px_per_step = np.mean(
+        [np.polyfit(spots["x"], spots["pixel_x"], 1)[0], np.polyfit(spots["y"], spots["pixel_y"], 1)[0]]
+    )
+    mpp = ST_SPOT_PITCH_UM / px_per_step
+    sdata = from_spots(
+        images[0],
+        spot_xy=spots[["pixel_x", "pixel_y"]].rename(columns={"pixel_x": "x", "pixel_y": "y"}),
+        spot_diameter_um=ST_SPOT_DIAMETER_UM,
+        counts=counts,
+        microns_per_pixel=mpp,
+    )
+    table = sdata.tables[Key.SPOTS_COUNTS]
+    table.obs["array_x"] = spots["x"].to_numpy()
+    table.obs["array_y"] = spots["y"].to_numpy()
+    table.uns["scellst"]["section"] = section
+    deconv_file = root / "deconv" / f"{section}-proportion.tsv"
+    if deconv_file.exists():
+        deconv = pd.read_csv(deconv_file, sep="\t", index_col=0).reindex(shared)
+        table.obsm["deconv"] = deconv.fillna(0.0).set_axis(table.obs_names)
+    return sdata

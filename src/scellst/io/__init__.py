@@ -1,0 +1,6 @@
+"""Readers: bring H&E images and spot transcriptomics into a scellst SpatialData."""
+
+from .._utils import set_microns_per_pixel
+from ._readers import from_image, from_spots, visium
+
+__all__ = ["from_image", "from_spots", "set_microns_per_pixel", "visium"]

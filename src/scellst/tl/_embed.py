@@ -1,0 +1,281 @@
+"""Per-cell image embeddings, computed tile by tile."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Literal
+
+import numpy as np
+import pandas as pd
+
+from .._constants import Attr, Col, Key
+from .._logging import logger
+from .._utils import (
+    check_writable,
+    get_key,
+    get_microns_per_pixel,
+    image_level0,
+    intrinsic_to_intrinsic,
+    provenance,
+    scellst_attrs,
+    shapes_centroids,
+    to_rgb_uint8,
+    write_element,
+)
+
+if TYPE_CHECKING:
+    from spatialdata import SpatialData
+
+MORPHOLOGY_FEATURES = (
+    "area_um2",
+    "perimeter_um",
+    "major_axis_um",
+    "minor_axis_um",
+    "eccentricity",
+    "solidity",
+    "extent",
+    "circularity",
+    "hematoxylin_mean",
+    "hematoxylin_std",
+    "hematoxylin_max",
+    "eosin_mean",
+    "red_mean",
+    "green_mean",
+    "blue_mean",
+    "gray_std",
+    "gradient_mean",
+    "ring_hematoxylin_mean",
+    "ring_eosin_mean",
+    "ring_red_mean",
+    "ring_green_mean",
+    "ring_blue_mean",
+    "ring_gray_std",
+    "neighbours_25um",
+    "nearest_neighbour_um",
+)
+
+
+def _rasterize_local(polys: list, ids: np.ndarray, shape: tuple[int, int], offset: tuple[int, int]) -> np.ndarray:
+    from skimage.draw import polygon as draw_polygon
+
+    oy, ox = offset
+    out = np.zeros(shape, dtype=np.int32)
+    for poly, i in zip(polys, ids, strict=True):
+        xy = np.asarray(poly.exterior.coords) if poly.geom_type == "Polygon" else None
+        if xy is None:
+            continue
+        rr, cc = draw_polygon(xy[:, 1] - oy, xy[:, 0] - ox, shape=shape)
+        if len(rr) == 0:  # sub-pixel nucleus: keep its centroid pixel
+            c = poly.centroid
+            r0, c0 = int(round(c.y - oy)), int(round(c.x - ox))
+            if 0 <= r0 < shape[0] and 0 <= c0 < shape[1]:
+                rr, cc = np.array([r0]), np.array([c0])
+        out[rr, cc] = i
+    return out
+
+
+def _std(df: pd.DataFrame, channel: int, squared_channel: int) -> pd.Series:
+    mean = df[f"intensity_mean-{channel}"]
+    return np.sqrt((df[f"intensity_mean-{squared_channel}"] - mean**2).clip(lower=0))
+
+
+def _morphology_tile(data, polys, ids, offset, mpp, ring_um):
+    from skimage.color import rgb2hed
+    from skimage.filters import sobel
+    from skimage.measure import regionprops_table
+    from skimage.segmentation import expand_labels
+
+    rgb = to_rgb_uint8(np.asarray(data))
+    shape = rgb.shape[:2]
+    labels = _rasterize_local(polys, ids, shape, offset)
+    hed = rgb2hed(rgb).astype(np.float32)
+    gray = rgb.mean(axis=-1).astype(np.float32) / 255.0
+    grad = sobel(gray).astype(np.float32)
+    # channels: 0 H, 1 E, 2-4 RGB, 5 gray, 6 gradient, 7 H^2, 8 gray^2 (squares give standard deviations)
+    intensity = np.dstack(
+        [hed[..., 0], hed[..., 1], rgb.astype(np.float32) / 255.0, gray, grad, hed[..., 0] ** 2, gray**2]
+    )
+
+    props = regionprops_table(
+        labels,
+        intensity_image=intensity,
+        properties=(
+            "label",
+            "area",
+            "perimeter",
+            "axis_major_length",
+            "axis_minor_length",
+            "eccentricity",
+            "solidity",
+            "extent",
+            "intensity_mean",
+            "intensity_max",
+        ),
+    )
+    df = pd.DataFrame(props).set_index("label")
+    ring_labels = expand_labels(labels, distance=max(ring_um / mpp, 1.0)) * (labels == 0)
+    ring = pd.DataFrame(
+        regionprops_table(ring_labels, intensity_image=intensity, properties=("label", "intensity_mean"))
+    ).set_index("label")
+    mpp2 = mpp**2
+    out = pd.DataFrame(index=pd.Index(ids, name=Col.CELL_ID))
+    out["area_um2"] = df["area"] * mpp2
+    out["perimeter_um"] = df["perimeter"] * mpp
+    out["major_axis_um"] = df["axis_major_length"] * mpp
+    out["minor_axis_um"] = df["axis_minor_length"] * mpp
+    out["eccentricity"] = df["eccentricity"]
+    out["solidity"] = df["solidity"]
+    out["extent"] = df["extent"]
+    out["circularity"] = (4 * np.pi * df["area"] / np.maximum(df["perimeter"], 1.0) ** 2).clip(upper=1.5)
+    out["hematoxylin_mean"] = df["intensity_mean-0"]
+    out["hematoxylin_std"] = _std(df, 0, 7)
+    out["hematoxylin_max"] = df["intensity_max-0"]
+    out["eosin_mean"] = df["intensity_mean-1"]
+    out["red_mean"] = df["intensity_mean-2"]
+    out["green_mean"] = df["intensity_mean-3"]
+    out["blue_mean"] = df["intensity_mean-4"]
+    out["gray_std"] = _std(df, 5, 8)
+    out["gradient_mean"] = df["intensity_mean-6"]
+    out["ring_hematoxylin_mean"] = ring["intensity_mean-0"]
+    out["ring_eosin_mean"] = ring["intensity_mean-1"]
+    out["ring_red_mean"] = ring["intensity_mean-2"]
+    out["ring_green_mean"] = ring["intensity_mean-3"]
+    out["ring_blue_mean"] = ring["intensity_mean-4"]
+    out["ring_gray_std"] = _std(ring, 5, 8)
+    return out
+
+
+def embed_cells(
+    sdata: SpatialData,
+    shapes_key: str = Key.NUCLEI,
+    *,
+    method: Literal["morphology"] = "morphology",
+    image_key: str | None = None,
+    key_added: str | None = None,
+    ring_um: float = 3.0,
+    tile_size: int = 2048,
+    overwrite: bool = False,
+    show_progress_bar: bool = True,
+) -> None:
+    """Describe every nucleus by image features and store them as a table annotating the nucleus shapes.
+
+    ``method="morphology"`` computes interpretable features, in microns where they have a unit: nuclear size and
+    shape, haematoxylin/eosin and colour statistics inside the nucleus, chromatin texture (intensity spread and
+    gradient), the same colours in a ring of ``ring_um`` around the nucleus (cytoplasm and stroma), and the local
+    nucleus density. Tiles are read one at a time from the lazy image and processed in parallel with dask.
+
+    Parameters
+    ----------
+    sdata
+        The SpatialData object (modified in place).
+    shapes_key
+        The nucleus shapes (from :func:`scellst.pp.segment_nuclei` or imported).
+    method
+        Embedding method. Only ``"morphology"`` for now.
+    image_key
+        The H&E image; ``None`` uses the image the shapes were segmented from, or the only image.
+    key_added
+        Name of the table (default ``f"{shapes_key}_embeddings"``).
+    ring_um
+        Width of the ring around each nucleus, in microns.
+    tile_size
+        Tile size in level-0 pixels.
+    overwrite
+        Replace an existing table with the same name.
+    show_progress_bar
+        Show a progress bar over tiles.
+
+    Returns
+    -------
+    Nothing; adds ``sdata.tables[key_added]``: cells x features in ``X``, ``obs['cell_id']`` (instance key),
+    ``obs['spot_id']`` when cells were assigned, ``obsm['spatial']`` (centroids in the shapes' frame) and the
+    provenance in ``uns['scellst']``.
+    """
+    import anndata as ad
+    import dask
+    from scipy.spatial import cKDTree
+    from spatialdata.models import TableModel
+
+    from ..pp._segment import _compute_with_progress
+
+    if method != "morphology":
+        raise ValueError(f"Unknown embedding method {method!r}; available: 'morphology'.")
+    shapes_key = get_key(sdata, "shapes", shapes_key, what="nucleus shapes")
+    if image_key is None:
+        image_key = scellst_attrs(sdata).get(Attr.SHAPES_SOURCE, {}).get(shapes_key)
+    image_key = get_key(sdata, "images", image_key, what="H&E image")
+    key_added = key_added or f"{shapes_key}{Key.EMBEDDINGS_SUFFIX}"
+    check_writable(sdata, key_added, overwrite=overwrite)
+    mpp = get_microns_per_pixel(sdata, image_key)
+    arr = image_level0(sdata, image_key)
+    _, h, w = arr.shape
+
+    nuclei = sdata.shapes[shapes_key]
+    if len(nuclei) == 0:
+        raise ValueError(f"Shapes {shapes_key!r} are empty; segment nuclei first.")
+    if not nuclei.geometry.geom_type.isin(["Polygon"]).all():
+        raise TypeError(f"Shapes {shapes_key!r} must be polygons (nucleus outlines), not points or circles.")
+    to_image = intrinsic_to_intrinsic(sdata, shapes_key, image_key)
+    if not np.allclose(to_image, np.eye(3), atol=1e-6):
+        import shapely.affinity
+
+        m = to_image
+        geoms = [
+            shapely.affinity.affine_transform(g, [m[0, 0], m[0, 1], m[1, 0], m[1, 1], m[0, 2], m[1, 2]])
+            for g in nuclei.geometry
+        ]
+    else:
+        geoms = list(nuclei.geometry)
+    ids = nuclei.index.to_numpy()
+    centroids = shapes_centroids(nuclei)
+    cxy = np.column_stack([[g.centroid.x for g in geoms], [g.centroid.y for g in geoms]]) if geoms else centroids
+    ty = np.clip((cxy[:, 1] // tile_size).astype(int), 0, None)
+    tx = np.clip((cxy[:, 0] // tile_size).astype(int), 0, None)
+    margin = int(np.ceil((ring_um + 15.0) / mpp))
+    tasks = []
+    order = []
+    for (gy, gx), idx in pd.Series(np.arange(len(ids))).groupby([ty, tx]):
+        idx = idx.to_numpy()
+        y0, x0 = gy * tile_size, gx * tile_size
+        py0, px0 = max(y0 - margin, 0), max(x0 - margin, 0)
+        py1, px1 = min(y0 + tile_size + margin, h), min(x0 + tile_size + margin, w)
+        if py1 <= py0 or px1 <= px0:
+            continue
+        data = arr.data[:, py0:py1, px0:px1]
+        tasks.append(dask.delayed(_morphology_tile)(data, [geoms[i] for i in idx], ids[idx], (py0, px0), mpp, ring_um))
+        order.append(idx)
+    logger.info(f"Embedding {len(ids):,} nuclei of {shapes_key!r} ({method}) in {len(tasks)} tiles")
+    parts = _compute_with_progress(tasks, show_progress_bar=show_progress_bar, desc="embed_cells")
+    feats = pd.concat(parts) if parts else pd.DataFrame()
+    feats = feats[~feats.index.duplicated()].reindex(ids)
+
+    tree = cKDTree(centroids)
+    scale_um = mpp * float(np.sqrt(abs(np.linalg.det(to_image[:2, :2]))))
+    counts = tree.query_ball_point(centroids, r=25.0 / scale_um, return_length=True)
+    feats["neighbours_25um"] = np.asarray(counts, dtype=float) - 1
+    if len(centroids) > 1:
+        d, _ = tree.query(centroids, k=2)
+        feats["nearest_neighbour_um"] = d[:, 1] * scale_um
+    else:
+        feats["nearest_neighbour_um"] = 0.0
+    feats = feats[list(MORPHOLOGY_FEATURES)]
+    n_missing = int(feats.isna().any(axis=1).sum())
+    if n_missing:
+        logger.warning(f"{n_missing:,} nuclei lie outside the image or are degenerate; their features are imputed.")
+        feats = feats.fillna(feats.median()).fillna(0.0)
+
+    obs = pd.DataFrame(
+        {Col.CELL_ID: ids, Col.REGION: pd.Categorical([shapes_key] * len(ids))}, index=pd.Index(ids.astype(str))
+    )
+    if Col.SPOT_ID in nuclei:
+        obs[Col.SPOT_ID] = pd.Categorical(nuclei[Col.SPOT_ID].to_numpy())
+    adata = ad.AnnData(X=feats.to_numpy(dtype=np.float32), obs=obs, var=pd.DataFrame(index=list(MORPHOLOGY_FEATURES)))
+    adata.obsm["spatial"] = centroids
+    adata.uns["scellst"] = provenance(
+        {"method": method, "ring_um": ring_um},
+        function="embed_cells",
+        shapes_key=shapes_key,
+        image_key=image_key,
+        microns_per_pixel=mpp,
+    )
+    table = TableModel.parse(adata, region=shapes_key, region_key=Col.REGION, instance_key=Col.CELL_ID)
+    write_element(sdata, key_added, table, overwrite=overwrite, what=f"{table.n_obs:,} cells x {table.n_vars} features")
