@@ -13,7 +13,14 @@ def _echo(message: str) -> None:
     sys.stdout.flush()
 
 
-def run_demo(out: Path, *, seed: int = 0, overwrite: bool = False, shuffled_control: bool = True) -> dict[str, float]:
+def run_demo(
+    out: Path,
+    *,
+    seed: int = 0,
+    size_um: tuple[float, float] = (1600.0, 1600.0),
+    overwrite: bool = False,
+    shuffled_control: bool = True,
+) -> dict[str, float]:
     """Synthetic tissue -> segment -> embed -> train -> predict; write a zarr store and a PNG; score the cells.
 
     Returns the figures it printed (mean cell-level Pearson against the true expression, and the same for a model
@@ -33,7 +40,7 @@ def run_demo(out: Path, *, seed: int = 0, overwrite: bool = False, shuffled_cont
         raise SystemExit(f"{store} already exists; pass --overwrite to replace it or choose another --out.")
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    sdata = datasets.synthetic_tissue(seed=seed)
+    sdata = datasets.synthetic_tissue(seed=seed, size_um=size_um)
     pp.segment_nuclei(sdata)
     pp.assign_cells(sdata)
     tl.embed_cells(sdata)
@@ -89,10 +96,17 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--out", type=Path, default=Path("demo_output"), help="output folder (default: demo_output)")
     demo.add_argument("--seed", type=int, default=0, help="random seed of the tissue and the model")
     demo.add_argument("--overwrite", action="store_true", help="replace an existing demo store")
+    demo.add_argument("--size-um", type=float, default=1600.0, help="side of the synthetic tissue in microns")
     demo.add_argument("--no-control", action="store_true", help="skip the shuffled-embedding control")
     args = parser.parse_args(argv)
     if args.command == "demo":
-        run_demo(args.out, seed=args.seed, overwrite=args.overwrite, shuffled_control=not args.no_control)
+        run_demo(
+            args.out,
+            seed=args.seed,
+            size_um=(args.size_um, args.size_um),
+            overwrite=args.overwrite,
+            shuffled_control=not args.no_control,
+        )
     return 0
 
 

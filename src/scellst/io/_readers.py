@@ -208,7 +208,9 @@ def from_spots(
     else:
         ids = np.arange(n).astype(str)
     if len(ids) != n:
-        raise ValueError(f"{len(ids)} spot ids for {n} spots.")
+        raise ValueError(
+            f"{len(ids)} spot ids (from `spot_ids` or `counts`) for {n} spot positions; they must match 1:1."
+        )
     if len(set(ids)) != n:
         raise ValueError("Spot ids must be unique.")
 

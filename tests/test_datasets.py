@@ -1,0 +1,28 @@
+from __future__ import annotations
+
+import numpy as np
+
+from scellst.datasets import synthetic_tissue
+
+
+def test_synthetic_tissue_is_deterministic_and_consistent(tissue):
+    again = synthetic_tissue(seed=1, size_um=(900.0, 900.0))
+    a = np.asarray(tissue.images["he"]["scale0"].image[:, :200, :200])
+    b = np.asarray(again.images["he"]["scale0"].image[:, :200, :200])
+    np.testing.assert_array_equal(a, b)
+    truth = tissue.tables["true_expression"]
+    assert set(truth.obs["cell_type"].cat.categories) == {
+        "tumour",
+        "fibroblast",
+        "lymphocyte",
+        "macrophage",
+        "endothelial",
+    }
+    spots = tissue.tables["spots_counts"]
+    assert 10 <= np.median(spots.obs["n_cells"]) <= 25  # Visium-like bags
+    # marker genes follow their type
+    epcam = truth[:, "EPCAM"].X.ravel()
+    is_tumour = (truth.obs["cell_type"] == "tumour").to_numpy()
+    assert epcam[is_tumour].mean() > 10 * epcam[~is_tumour].mean()
+    other = synthetic_tissue(seed=2, size_um=(300.0, 300.0))
+    assert other.tables["true_expression"].n_obs != truth.n_obs

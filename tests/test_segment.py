@@ -1,0 +1,84 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy.spatial import cKDTree
+
+import scellst
+from scellst._utils import shapes_centroids
+
+from .conftest import fresh_copy
+
+
+def test_segmentation_recovers_synthetic_nuclei(processed):
+    nuclei = processed.shapes["nuclei"]
+    truth = shapes_centroids(processed.shapes["true_cells"])
+    pred = shapes_centroids(nuclei)
+    d, idx = cKDTree(truth).query(pred)
+    matched = d * 0.5 <= 2.0  # within 2 um
+    precision = matched.mean()
+    recall = len(np.unique(idx[matched])) / len(truth)
+    assert precision > 0.9
+    assert recall > 0.85
+    assert (nuclei["area_um2"] >= 8).all()
+    assert list(nuclei.index[:3]) == [1, 2, 3]
+
+
+def test_tiling_does_not_change_the_result(tissue):
+    a, b = fresh_copy(tissue), fresh_copy(tissue)
+    scellst.pp.segment_nuclei(a, tile_size=4096, labels_key_added="", show_progress_bar=False)
+    scellst.pp.segment_nuclei(b, tile_size=300, labels_key_added="", show_progress_bar=False)
+    na, nb = len(a.shapes["nuclei"]), len(b.shapes["nuclei"])
+    assert abs(na - nb) <= 0.01 * na
+    # every nucleus of the big tile is found once with small tiles
+    ca, cb = shapes_centroids(a.shapes["nuclei"]), shapes_centroids(b.shapes["nuclei"])
+    d, _ = cKDTree(cb).query(ca)
+    assert (d < 1.0).mean() > 0.98
+    assert "nuclei_labels" not in a.labels
+
+
+def test_label_image_matches_polygons(processed):
+    labels = processed.labels["nuclei_labels"]
+    arr = np.asarray(labels.data[:400, :400])
+    nuclei = processed.shapes["nuclei"]
+    ids = set(np.unique(arr)) - {0}
+    assert ids <= set(nuclei.index)
+    one = next(iter(ids))
+    area_px = (arr == one).sum()
+    assert area_px == pytest.approx(nuclei.geometry.loc[one].area, rel=0.35)
+
+
+def test_segment_refuses_to_overwrite(processed):
+    sdata = fresh_copy(processed)
+    with pytest.raises(ValueError, match="already exists"):
+        scellst.pp.segment_nuclei(sdata, show_progress_bar=False)
+    n_before = len(sdata.shapes["nuclei"])
+    with pytest.raises(KeyError, match="No H&E image 'nope'"):
+        scellst.pp.segment_nuclei(sdata, "nope", key_added="other")
+    assert len(sdata.shapes["nuclei"]) == n_before
+
+
+def test_segmentation_on_real_monuseg(data_dir):
+    """Real H&E: nuclei counts and detection F1 (IoU > 0.5 approximated by centroid matching) on a MoNuSeg tile."""
+    import json
+
+    from skimage.io import imread
+
+    root = data_dir / "monuseg"
+    entry = json.loads((root / "index.json").read_text())[0]
+    image = imread(root / "images" / f"{entry['name']}.png")[..., :3]
+    true = imread(root / "instance_masks" / f"{entry['name']}.png")
+    mpp = float(entry["microns_per_pixel"])
+    sdata = scellst.io.from_image(image, microns_per_pixel=mpp)
+    scellst.pp.segment_nuclei(sdata, show_progress_bar=False)
+    pred = np.asarray(sdata.labels["nuclei_labels"].data)
+    n_true = len(np.unique(true)) - 1
+    n_pred = len(sdata.shapes["nuclei"])
+    assert 0.5 * n_true < n_pred < 1.5 * n_true
+    from scipy import ndimage as ndi
+
+    ids = np.unique(true)[1:]
+    com = np.array(ndi.center_of_mass(true > 0, true, ids))
+    hit = pred[com[:, 0].astype(int), com[:, 1].astype(int)]
+    recall = (hit > 0).mean()
+    assert recall > 0.6

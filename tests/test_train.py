@@ -1,0 +1,116 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import scellst
+from scellst.tl._evaluate import truth_correlations
+
+from .conftest import fresh_copy
+
+
+def test_model_learns_single_cell_expression(processed, model):
+    sdata = fresh_copy(processed)
+    scellst.tl.predict(sdata, model)
+    corr, matched = truth_correlations(sdata)
+    assert matched > 0.95
+    assert corr["pearson"].mean() > 0.45
+    spot = scellst.tl.spot_correlations(sdata)
+    assert spot["pearson"].mean() > 0.5
+    assert model.history["train_loss"][-1] < model.history["train_loss"][0]
+    assert model.params["n_val_spots"] > 0
+
+
+def test_shuffled_embeddings_learn_nothing_per_cell(processed):
+    sdata = fresh_copy(processed)
+    emb = sdata.tables["nuclei_embeddings"]
+    emb.X = emb.X[np.random.default_rng(0).permutation(emb.n_obs)]
+    control = scellst.tl.train(sdata, seed=0, lr=1e-3, max_epochs=60, show_progress_bar=False)
+    scellst.tl.predict(sdata, control)
+    corr, _ = truth_correlations(sdata)
+    assert abs(corr["pearson"].mean()) < 0.15
+
+
+def test_predict_tables(processed, model):
+    sdata = fresh_copy(processed)
+    scellst.tl.predict(sdata, model)
+    cells = sdata.tables["nuclei_expression"]
+    assert cells.n_obs == len(sdata.shapes["nuclei"])
+    assert list(cells.var_names) == model.genes
+    assert cells.uns["spatialdata_attrs"]["region"] == "nuclei"
+    assert (cells.X >= 0).all()  # softplus output, inverse-scaled
+    assert "spot_id" in cells.obs
+    assert cells.obsm["spatial"].shape == (cells.n_obs, 2)
+    assert cells.uns["scellst"]["units"].startswith("log1p")
+    spots = sdata.tables["spots_predicted"]
+    in_spot = cells.obs["spot_id"].dropna().astype(str)
+    first = in_spot.iloc[0]
+    mean = cells[in_spot.index[in_spot == first]].X.mean(axis=0)
+    np.testing.assert_allclose(spots[spots.obs["spot_id"] == first].X.ravel(), mean, rtol=1e-5)
+    with pytest.raises(ValueError, match="already exists"):
+        scellst.tl.predict(sdata, model)
+
+
+def test_train_input_errors(processed):
+    sdata = fresh_copy(processed)
+    with pytest.raises(KeyError, match="missing from the spot table"):
+        scellst.tl.train(sdata, genes=["EPCAM", "NOT_A_GENE"], max_epochs=1, show_progress_bar=False)
+    bad = fresh_copy(processed)
+    x = bad.tables["spots_counts"].X.toarray()
+    x[0, 0] = np.nan
+    import scipy.sparse as sp
+
+    bad.tables["spots_counts"].X = sp.csr_matrix(x)
+    with pytest.raises(ValueError, match="NaN"):
+        scellst.tl.train(bad, max_epochs=1, show_progress_bar=False)
+    unassigned = fresh_copy(processed)
+    del unassigned.tables["nuclei_embeddings"].obs["spot_id"]
+    with pytest.raises(ValueError, match="assign_cells"):
+        scellst.tl.train(unassigned, max_epochs=1, show_progress_bar=False)
+    no_cells = fresh_copy(processed)
+    no_cells.tables["nuclei_embeddings"].obs["spot_id"] = np.nan
+    with pytest.raises(ValueError, match="No spot"):
+        scellst.tl.train(no_cells, max_epochs=1, show_progress_bar=False)
+    with pytest.raises(KeyError, match="embed_cells"):
+        scellst.tl.train(sdata, table_key="missing", max_epochs=1, show_progress_bar=False)
+
+
+def test_empty_spots_are_dropped(processed):
+    sdata = fresh_copy(processed)
+    emb = sdata.tables["nuclei_embeddings"]
+    first = emb.obs["spot_id"].dropna().astype(str).iloc[0]
+    spot_ids = emb.obs["spot_id"].astype(object)
+    spot_ids[spot_ids == first] = np.nan
+    emb.obs["spot_id"] = spot_ids
+    model = scellst.tl.train(sdata, max_epochs=2, show_progress_bar=False)
+    n_spots = sdata.tables["spots_counts"].n_obs
+    assert model.params["n_train_spots"] + model.params["n_val_spots"] == n_spots - 1
+
+
+def test_save_load_and_h_and_e_only_slide(processed, model, tmp_path):
+    path = tmp_path / "model.pt"
+    model.save(path)
+    loaded = scellst.tl.load_model(path)
+    assert loaded.genes == model.genes
+    emb = processed.tables["nuclei_embeddings"]
+    np.testing.assert_allclose(loaded.predict_cells(emb.X), model.predict_cells(emb.X), rtol=1e-5)
+
+    # a new slide that has only an H&E image
+    image = np.asarray(processed.images["he"]["scale0"].image[:, :600, :600])
+    he_only = scellst.io.from_image(image, microns_per_pixel=0.5)
+    scellst.pp.segment_nuclei(he_only, show_progress_bar=False)
+    scellst.tl.embed_cells(he_only, show_progress_bar=False)
+    scellst.tl.predict(he_only, path)
+    table = he_only.tables["nuclei_expression"]
+    assert table.n_obs == len(he_only.shapes["nuclei"])
+    assert "spots_predicted" not in he_only.tables
+    assert np.isfinite(table.X).all()
+
+
+def test_predict_rejects_other_embeddings(processed, model):
+    sdata = fresh_copy(processed)
+    sdata.tables["nuclei_embeddings"].uns["scellst"]["method"] = "ssl"
+    with pytest.raises(ValueError, match="morphology"):
+        scellst.tl.predict(sdata, model)
+    with pytest.raises(FileNotFoundError):
+        scellst.tl.load_model("no_such_model.pt")
