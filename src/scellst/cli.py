@@ -32,7 +32,6 @@ def run_demo(
     import numpy as np
 
     from . import datasets, pl, pp, tl
-    from .tl._evaluate import truth_correlations
 
     out = Path(out)
     store = out / "demo.zarr"
@@ -47,8 +46,9 @@ def run_demo(
     model = tl.train(sdata, seed=seed)
     tl.predict(sdata, model)
     model.save(out / "model.pt")
-    cell_corr, matched = truth_correlations(sdata)
-    spot_corr = tl.spot_correlations(sdata)
+    cell_corr = tl.evaluate(sdata, level="cell")
+    matched = cell_corr.attrs["matched_fraction"]
+    spot_corr = tl.evaluate(sdata)
     results = {
         "cell_pearson": float(cell_corr["pearson"].mean()),
         "spot_pearson": float(spot_corr["pearson"].mean()),
@@ -62,7 +62,7 @@ def run_demo(
         control = tl.train(sdata, seed=seed, show_progress_bar=False)
         tl.predict(sdata, control, key_added="shuffled_expression", spots_key=None)
         emb.X = original
-        shuffled, _ = truth_correlations(sdata, predicted_key="shuffled_expression")
+        shuffled = tl.evaluate(sdata, level="cell", predicted_key="shuffled_expression")
         results["shuffled_cell_pearson"] = float(shuffled["pearson"].mean())
         del sdata.tables["shuffled_expression"]
 

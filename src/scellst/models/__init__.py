@@ -1,5 +1,6 @@
 """Torch models. Importing this namespace does not import torch; building or running a model does."""
 
-from ._mil import MILConfig, ScellstModel, bag_mean, build_network
+from ._losses import COUNT_LOSSES, LOSSES
+from ._mil import MILConfig, ScellstModel, bag_mean, build_network, inverse_softplus
 
-__all__ = ["MILConfig", "ScellstModel", "bag_mean", "build_network"]
+__all__ = ["COUNT_LOSSES", "LOSSES", "MILConfig", "ScellstModel", "bag_mean", "build_network", "inverse_softplus"]

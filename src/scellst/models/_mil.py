@@ -9,32 +9,72 @@ from typing import Any
 
 import numpy as np
 
-FORMAT_VERSION = 1
+from ._losses import COUNT_LOSSES, LOSSES
+
+FORMAT_VERSION = 2
 
 
 @dataclass
 class MILConfig:
-    """Hyper-parameters of the sCellST MIL model."""
+    """Hyper-parameters of the sCellST MIL network."""
 
     n_features: int
     n_genes: int
     hidden: tuple[int, ...] = (256, 256, 256)
     dropout: float = 0.0
+    loss: str = "mse"
+    nb_parametrization: str = "mean"
+
+    def __post_init__(self) -> None:
+        if self.loss not in LOSSES:
+            raise ValueError(f"Unknown loss {self.loss!r}; choose one of {LOSSES}.")
+        if self.nb_parametrization not in ("mean", "total_count"):
+            raise ValueError("`nb_parametrization` must be 'mean' or 'total_count'.")
+        self.hidden = tuple(int(h) for h in self.hidden)
 
 
-def build_network(config: MILConfig):
-    """The per-cell network: MLP with ReLU hidden layers and a softplus output (non-negative expression)."""
+def inverse_softplus(y: np.ndarray) -> np.ndarray:
+    """``x`` such that ``softplus(x) = y`` (for ``y > 0``)."""
+    y = np.maximum(np.asarray(y, dtype=np.float64), 1e-6)
+    return (y + np.log(-np.expm1(-y))).astype(np.float32)
+
+
+def build_network(config: MILConfig, *, output_bias: np.ndarray | None = None, output_scale: np.ndarray | None = None):
+    """The per-cell network: an MLP with ReLU hidden layers and a softplus output, times a per-gene scale.
+
+    ``output_bias`` initialises the last layer's bias (so the initial output already matches the mean target and the
+    network does not spend its first epochs fitting an offset); ``output_scale`` multiplies the softplus output
+    (count losses predict rates of very different magnitudes per gene). For the ``"nb"`` loss the network also
+    holds the per-gene log inverse dispersion ``log_theta``.
+    """
+    import torch
     from torch import nn
 
-    layers: list[Any] = []
-    width = config.n_features
-    for h in config.hidden:
-        layers += [nn.Linear(width, h), nn.ReLU()]
-        if config.dropout > 0:
-            layers.append(nn.Dropout(config.dropout))
-        width = h
-    layers += [nn.Linear(width, config.n_genes), nn.Softplus()]
-    return nn.Sequential(*layers)
+    class MILNet(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            layers: list[nn.Module] = []
+            width = config.n_features
+            for h in config.hidden:
+                layers += [nn.Linear(width, h), nn.ReLU()]
+                if config.dropout > 0:
+                    layers.append(nn.Dropout(config.dropout))
+                width = h
+            layers.append(nn.Linear(width, config.n_genes))
+            self.mlp = nn.Sequential(*layers)
+            self.softplus = nn.Softplus()
+            scale = torch.ones(config.n_genes) if output_scale is None else torch.as_tensor(output_scale).float()
+            self.register_buffer("output_scale", scale)
+            if config.loss == "nb":
+                self.log_theta = nn.Parameter(torch.full((config.n_genes,), 2.0))
+            if output_bias is not None:
+                with torch.no_grad():
+                    self.mlp[-1].bias.copy_(torch.as_tensor(output_bias).float())
+
+        def forward(self, x):
+            return self.softplus(self.mlp(x)) * self.output_scale
+
+    return MILNet()
 
 
 def bag_mean(cell_out, bag_index, n_bags: int):
@@ -49,10 +89,12 @@ def bag_mean(cell_out, bag_index, n_bags: int):
 
 @dataclass
 class ScellstModel:
-    """A trained sCellST model: the network plus everything needed to apply it to a new slide.
+    """A trained sCellST model (one network or an ensemble) and everything needed to apply it to a new slide.
 
-    Predictions are returned in log-normalised units (``log1p`` of counts normalised to 10,000 per spot), the
-    per-gene scaling used for training is inverted.
+    Cell predictions come back in log-normalised units (``log1p`` of counts per 10,000): for the ``"mse"`` and
+    ``"cosine"`` losses the per-gene training scale is inverted, for the count losses the predicted rate per 10,000
+    counts is log-transformed. With several members, predictions are the member mean and the per-cell spread is
+    available.
     """
 
     config: MILConfig
@@ -63,23 +105,31 @@ class ScellstModel:
     feature_mean: np.ndarray
     feature_std: np.ndarray
     gene_scale: np.ndarray
-    state_dict: dict = field(repr=False)
-    history: dict[str, list[float]] = field(default_factory=dict, repr=False)
+    members: list[dict] = field(repr=False)
+    history: list[dict[str, list[float]]] = field(default_factory=list, repr=False)
     params: dict[str, Any] = field(default_factory=dict)
     version: str = ""
 
     def __post_init__(self) -> None:
-        self._net = None
+        self._nets: list | None = None
 
     @property
-    def network(self):
-        """The torch module (built lazily)."""
-        if self._net is None:
-            net = build_network(self.config)
-            net.load_state_dict(self.state_dict)
-            net.eval()
-            self._net = net
-        return self._net
+    def n_models(self) -> int:
+        """Number of ensemble members."""
+        return len(self.members)
+
+    @property
+    def networks(self) -> list:
+        """The torch modules of the members (built lazily, in eval mode)."""
+        if self._nets is None:
+            nets = []
+            for state in self.members:
+                net = build_network(self.config)
+                net.load_state_dict(state)
+                net.eval()
+                nets.append(net)
+            self._nets = nets
+        return self._nets
 
     def standardize(self, features: np.ndarray) -> np.ndarray:
         """Standardise raw features as during training (per slide, or with the training statistics)."""
@@ -90,17 +140,51 @@ class ScellstModel:
             mean, std = self.feature_mean, self.feature_std
         return ((x - mean) / np.where(std > 1e-8, std, 1.0)).astype(np.float32)
 
-    def predict_cells(self, features: np.ndarray, *, batch_size: int = 65536) -> np.ndarray:
-        """Per-cell expression (cells x genes, log-normalised units) from raw features of one slide."""
+    def _to_lognorm(self, raw: np.ndarray) -> np.ndarray:
+        if self.config.loss in COUNT_LOSSES:
+            return np.log1p(raw)
+        return raw * self.gene_scale[None, :]
+
+    def predict_cells(
+        self, features: np.ndarray, *, batch_size: int = 65536, return_std: bool = False
+    ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+        """Per-cell expression (cells x genes, log-normalised units) from the raw features of one slide.
+
+        Cells are processed in batches of ``batch_size``; with ``return_std`` the spread (standard deviation) across
+        ensemble members is returned too.
+        """
         import torch
 
         x = self.standardize(features)
-        out = np.empty((x.shape[0], len(self.genes)), dtype=np.float32)
-        net = self.network
+        n, g = x.shape[0], len(self.genes)
+        mean = np.empty((n, g), dtype=np.float32)
+        std = np.zeros((n, g), dtype=np.float32) if return_std else None
         with torch.no_grad():
-            for start in range(0, x.shape[0], batch_size):
-                out[start : start + batch_size] = net(torch.from_numpy(x[start : start + batch_size])).numpy()
-        return out * self.gene_scale[None, :].astype(np.float32)
+            for start in range(0, n, batch_size):
+                xb = torch.from_numpy(x[start : start + batch_size])
+                outs = np.stack([self._to_lognorm(net(xb).numpy()) for net in self.networks])
+                mean[start : start + batch_size] = outs.mean(axis=0)
+                if return_std:
+                    std[start : start + batch_size] = outs.std(axis=0)
+        return (mean, std) if return_std else mean
+
+    def predict_spots(self, features: np.ndarray, bags: Sequence[np.ndarray]) -> np.ndarray:
+        """Spot-level expression (log-normalised units) for bags of cell indices into ``features`` (one slide).
+
+        For ``"mse"``/``"cosine"`` this is the mean of the cells' log-normalised predictions (what the model was
+        fitted to); for the count losses it is ``log1p`` of the mean predicted rate.
+        """
+        import torch
+
+        x = torch.from_numpy(self.standardize(features))
+        cells = np.concatenate(bags) if len(bags) else np.zeros(0, dtype=int)
+        bag_index = torch.from_numpy(np.repeat(np.arange(len(bags)), [len(b) for b in bags]))
+        out = []
+        with torch.no_grad():
+            for net in self.networks:
+                raw = bag_mean(net(x[torch.from_numpy(cells)]), bag_index, len(bags)).numpy()
+                out.append(np.log1p(raw) if self.config.loss in COUNT_LOSSES else raw * self.gene_scale[None, :])
+        return np.mean(out, axis=0)
 
     def check_compatible(self, feature_names: Sequence[str], embedding_method: str) -> None:
         """Raise a clear error when a slide's embeddings do not match those the model was trained on."""
@@ -130,7 +214,7 @@ class ScellstModel:
             "feature_mean": self.feature_mean.tolist(),
             "feature_std": self.feature_std.tolist(),
             "gene_scale": self.gene_scale.tolist(),
-            "state_dict": self.state_dict,
+            "members": self.members,
             "history": self.history,
             "params": self.params,
             "version": self.version,
@@ -145,13 +229,17 @@ class ScellstModel:
         path = Path(path)
         if not path.exists():
             raise FileNotFoundError(f"Model file {str(path)!r} does not exist.")
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-        if payload.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"{str(path)!r} is not a scellst model file of a supported format.")
-        cfg = payload["config"]
-        cfg["hidden"] = tuple(cfg["hidden"])
+        try:
+            payload = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:
+            raise ValueError(f"{str(path)!r} is not a readable scellst model file ({err}).") from err
+        if not isinstance(payload, dict) or payload.get("format_version") != FORMAT_VERSION:
+            raise ValueError(
+                f"{str(path)!r} is not a scellst model file of format {FORMAT_VERSION} "
+                "(saved by an incompatible scellst version?)."
+            )
         return cls(
-            config=MILConfig(**cfg),
+            config=MILConfig(**payload["config"]),
             genes=payload["genes"],
             feature_names=payload["feature_names"],
             embedding_method=payload["embedding_method"],
@@ -159,7 +247,7 @@ class ScellstModel:
             feature_mean=np.asarray(payload["feature_mean"], dtype=np.float32),
             feature_std=np.asarray(payload["feature_std"], dtype=np.float32),
             gene_scale=np.asarray(payload["gene_scale"], dtype=np.float32),
-            state_dict=payload["state_dict"],
+            members=payload["members"],
             history=payload["history"],
             params=payload["params"],
             version=payload["version"],

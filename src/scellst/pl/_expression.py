@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
-from .._constants import TARGET_SUM, Col, Key
+from .._constants import Col, Key
 from .._utils import get_key, shared_coordinate_system
 
 if TYPE_CHECKING:
@@ -19,17 +19,14 @@ if TYPE_CHECKING:
 
 def _lognorm_spot_table(sdata: SpatialData, spot_table_key: str, genes: Sequence[str]):
     import anndata as ad
-    import scipy.sparse as sp
     from spatialdata.models import TableModel
 
+    from ..pp._genes import lognorm
+
     counts = sdata.tables[spot_table_key]
-    lib = np.asarray(counts.X.sum(axis=1)).ravel()
-    sub = counts[:, list(genes)].X
-    sub = sub.toarray() if sp.issparse(sub) else np.asarray(sub)
-    values = np.log1p(sub / np.maximum(lib, 1)[:, None] * TARGET_SUM)
     attrs = counts.uns["spatialdata_attrs"]
     obs = counts.obs[[attrs["region_key"], attrs["instance_key"]]].copy()
-    table = ad.AnnData(X=values.astype(np.float32), obs=obs, var=pd.DataFrame(index=list(genes)))
+    table = ad.AnnData(X=lognorm(counts, genes), obs=obs, var=pd.DataFrame(index=list(genes)))
     return TableModel.parse(
         table, region=attrs["region"], region_key=attrs["region_key"], instance_key=attrs["instance_key"]
     )

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -21,6 +22,7 @@ from .._utils import (
     shapes_centroids,
     write_element,
 )
+from ..pp._genes import library_size, lognorm, rank_genes
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -29,16 +31,39 @@ if TYPE_CHECKING:
     from ..models import ScellstModel
 
 
+# --------------------------------------------------------------------------------------------------------------------
+# data preparation
+# --------------------------------------------------------------------------------------------------------------------
 @dataclass
-class _Slide:
+class Slide:
+    """One slide's training material: raw cell features, the cells of each kept spot, and the spot counts."""
+
+    name: str
     features: np.ndarray  # raw features of every cell of the slide
-    bags: list[np.ndarray]  # per kept spot, indices of its cells
+    bags: list[np.ndarray]  # per kept spot, indices of its cells (into ``features``)
     counts: AnnData  # kept spots x all genes (raw counts)
     spot_xy: np.ndarray  # kept spot centres (spots' intrinsic frame)
     spot_ids: np.ndarray
+    feature_names: list[str] = field(default_factory=list)
+    embedding_method: str = "unknown"
+
+    def subset(self, mask: np.ndarray) -> Slide:
+        """The same slide restricted to some of its spots."""
+        idx = np.flatnonzero(mask)
+        return Slide(
+            name=self.name,
+            features=self.features,
+            bags=[self.bags[i] for i in idx],
+            counts=self.counts[idx].copy(),
+            spot_xy=self.spot_xy[idx],
+            spot_ids=self.spot_ids[idx],
+            feature_names=self.feature_names,
+            embedding_method=self.embedding_method,
+        )
 
 
-def _embedding_table(sdata: SpatialData, shapes_key: str, table_key: str | None) -> str:
+def embedding_table_key(sdata: SpatialData, shapes_key: str, table_key: str | None) -> str:
+    """Key of the embedding table, with a helpful error when it is missing."""
     key = table_key or f"{shapes_key}{Key.EMBEDDINGS_SUFFIX}"
     if key not in sdata.tables:
         raise KeyError(
@@ -61,10 +86,18 @@ def _check_counts(table: AnnData, name: str) -> None:
         raise ValueError(f"The spot table {name!r} has negative values; scellst needs raw counts.")
 
 
-def _prepare_slide(
-    sdata: SpatialData, *, shapes_key: str, table_key: str | None, spots_key: str, spot_table_key: str
-) -> _Slide:
-    emb_key = _embedding_table(sdata, shapes_key, table_key)
+def prepare_slide(
+    sdata: SpatialData,
+    *,
+    name: str = "slide",
+    shapes_key: str = Key.NUCLEI,
+    table_key: str | None = None,
+    spots_key: str = Key.SPOTS,
+    spot_table_key: str = Key.SPOTS_COUNTS,
+    min_spot_counts: float = 20,
+) -> Slide:
+    """Collect one slide's bags: spots with at least one nucleus and ``min_spot_counts`` counts."""
+    emb_key = embedding_table_key(sdata, shapes_key, table_key)
     spot_table_key = get_key(sdata, "tables", spot_table_key, what="spot count table")
     spots_key = get_key(sdata, "shapes", spots_key, what="spot shapes")
     emb = sdata.tables[emb_key]
@@ -76,88 +109,114 @@ def _prepare_slide(
     counts = sdata.tables[spot_table_key]
     _check_counts(counts, spot_table_key)
     spot_of = emb.obs[Col.SPOT_ID].astype(object).to_numpy()
-    cells_by_spot = pd.Series(np.arange(emb.n_obs)).groupby(pd.Series(spot_of).astype(str).where(pd.notna(spot_of)))
-    groups = {k: v.to_numpy() for k, v in cells_by_spot}
+    assigned = pd.notna(spot_of)
+    groups = {
+        k: v.to_numpy()
+        for k, v in pd.Series(np.flatnonzero(assigned)).groupby(pd.Series(spot_of[assigned]).astype(str).to_numpy())
+    }
     ids = instance_ids(counts)
-    import scipy.sparse as sp
-
-    lib = np.asarray(counts.X.sum(axis=1)).ravel() if sp.issparse(counts.X) else counts.X.sum(axis=1)
+    lib = library_size(counts)
     has_cells = np.array([i in groups for i in ids])
-    has_counts = lib > 0
-    keep = has_cells & has_counts
-    n_drop_cells, n_drop_counts = int((~has_cells).sum()), int((has_cells & ~has_counts).sum())
-    if n_drop_cells or n_drop_counts:
+    enough = lib >= min_spot_counts
+    keep = has_cells & enough
+    n_no_cells, n_low = int((~has_cells).sum()), int((has_cells & ~enough).sum())
+    if n_no_cells or n_low:
         logger.info(
-            f"{spot_table_key!r}: dropped {n_drop_cells} spots without nuclei and {n_drop_counts} spots without counts"
+            f"{name}: dropped {n_no_cells} spots without nuclei and {n_low} spots with < {min_spot_counts:g} counts "
+            f"({int(keep.sum())} of {len(ids)} spots kept)"
         )
     if not keep.any():
         raise ValueError(
-            f"No spot of {spot_table_key!r} contains a nucleus of {shapes_key!r}; check the segmentation and "
-            "`scellst.pp.assign_cells`."
+            f"No spot of {spot_table_key!r} contains a nucleus of {shapes_key!r} and >= {min_spot_counts:g} counts; "
+            "check the segmentation, `scellst.pp.assign_cells` and `min_spot_counts`."
         )
     spots = sdata.shapes[spots_key]
     centres = pd.DataFrame(shapes_centroids(spots), index=spots.index.astype(str))
     kept_ids = ids[keep]
-    return _Slide(
+    return Slide(
+        name=name,
         features=np.asarray(emb.X, dtype=np.float32),
         bags=[groups[i] for i in kept_ids],
         counts=counts[keep].copy(),
         spot_xy=centres.reindex(kept_ids).to_numpy(),
         spot_ids=kept_ids,
+        feature_names=list(emb.var_names),
+        embedding_method=str(emb.uns.get("scellst", {}).get("method", "unknown")),
     )
 
 
-def _lognorm(counts: AnnData, genes: Sequence[str]) -> np.ndarray:
+def robust_scale(y: np.ndarray) -> np.ndarray:
+    """Per-gene robust scale: IQR / 1.349 (the standard deviation for normal data), else std, else 1."""
+    q75, q25 = np.percentile(y, [75, 25], axis=0)
+    scale = (q75 - q25) / 1.349
+    std = y.std(axis=0)
+    scale = np.where(scale > 1e-6, scale, std)
+    return np.where(scale > 1e-6, scale, 1.0).astype(np.float32)
+
+
+@dataclass
+class TrainingData:
+    """Every slide's bags concatenated, with targets for each loss."""
+
+    x: np.ndarray  # standardised cell features, all slides concatenated
+    bags: list[np.ndarray]  # global cell indices per spot
+    slide_of_spot: np.ndarray
+    spot_xy: np.ndarray
+    lognorm: np.ndarray  # spots x genes, log1p(counts per 10k)
+    counts: np.ndarray  # spots x genes, raw counts
+    library: np.ndarray  # spots, total counts over all genes
+    slide_scale: np.ndarray  # slides x genes, robust scale of lognorm per slide
+    feature_mean: np.ndarray
+    feature_std: np.ndarray
+
+    @property
+    def scaled(self) -> np.ndarray:
+        """Log-normalised targets divided by their slide's robust scale."""
+        return self.lognorm / self.slide_scale[self.slide_of_spot]
+
+    def spot_features(self) -> np.ndarray:
+        """Mean standardised cell feature of each spot (for spot-level baselines)."""
+        return np.stack([self.x[b].mean(axis=0) for b in self.bags])
+
+
+def build_training_data(slides: Sequence[Slide], genes: Sequence[str], embedding_scaling: str) -> TrainingData:
+    """Standardise features, compute targets and per-slide scales."""
     import scipy.sparse as sp
 
-    x = counts.X
-    lib = np.asarray(x.sum(axis=1)).ravel()
-    sub = counts[:, list(genes)].X
-    sub = sub.toarray() if sp.issparse(sub) else np.asarray(sub)
-    return np.log1p(sub / lib[:, None] * TARGET_SUM).astype(np.float32)
-
-
-def _select_genes(slides: list[_Slide], genes: Sequence[str] | None, n_top_genes: int) -> list[str]:
-    import anndata as ad
-
-    shared = set(slides[0].counts.var_names)
-    for s in slides[1:]:
-        shared &= set(s.counts.var_names)
-    if genes is not None:
-        genes = list(dict.fromkeys(genes))
-        missing = [g for g in genes if g not in shared]
-        if missing:
-            raise KeyError(
-                f"{len(missing)} requested genes are missing from the spot table(s): {missing[:10]}"
-                f"{' ...' if len(missing) > 10 else ''}. Check the gene names (symbols vs Ensembl ids)."
-            )
-        return genes
-    import scanpy as sc
-
-    order = [g for g in slides[0].counts.var_names if g in shared]
-    merged = ad.concat([s.counts[:, order] for s in slides], label="_slide", index_unique="-")
-    sums = np.asarray(merged.X.sum(axis=0)).ravel()
-    merged = merged[:, sums > 0].copy()
-    if merged.n_vars <= n_top_genes:
-        return list(merged.var_names)
-    batch = "_slide" if len(slides) > 1 else None
-    try:
-        hvg = sc.pp.highly_variable_genes(
-            merged, flavor="seurat_v3", n_top_genes=n_top_genes, batch_key=batch, inplace=False
+    all_feats = np.concatenate([s.features for s in slides])
+    g_mean, g_std = all_feats.mean(axis=0), all_feats.std(axis=0)
+    xs, bags, slide_of, xy, ln, raw, lib, scales, offset = [], [], [], [], [], [], [], [], 0
+    for i, s in enumerate(slides):
+        mean, std = (
+            (s.features.mean(axis=0), s.features.std(axis=0)) if embedding_scaling == "slide" else (g_mean, g_std)
         )
-    except (ValueError, ImportError) as err:  # e.g. scikit-misc missing or degenerate loess fit
-        logger.warning(
-            f"seurat_v3 gene selection failed ({err}); falling back to the most variable log-normalised genes"
-        )
-        ln = np.log1p(merged.X.toarray() / np.asarray(merged.X.sum(axis=1)) * TARGET_SUM)
-        return list(merged.var_names[np.argsort(-ln.var(axis=0))[:n_top_genes]])
-    rank_col = "highly_variable_rank"
-    ranked = hvg.sort_values(rank_col) if rank_col in hvg else hvg[hvg["highly_variable"]]
-    return list(ranked.index[:n_top_genes])
+        xs.append((s.features - mean) / np.where(std > 1e-8, std, 1.0))
+        bags.extend(b + offset for b in s.bags)
+        offset += s.features.shape[0]
+        slide_of.append(np.full(len(s.bags), i))
+        xy.append(s.spot_xy)
+        y = lognorm(s.counts, genes)
+        ln.append(y)
+        scales.append(robust_scale(y))
+        sub = s.counts[:, list(genes)].X
+        raw.append((sub.toarray() if sp.issparse(sub) else np.asarray(sub)).astype(np.float32))
+        lib.append(library_size(s.counts).astype(np.float32))
+    return TrainingData(
+        x=np.concatenate(xs).astype(np.float32),
+        bags=bags,
+        slide_of_spot=np.concatenate(slide_of),
+        spot_xy=np.concatenate(xy),
+        lognorm=np.concatenate(ln),
+        counts=np.concatenate(raw),
+        library=np.concatenate(lib),
+        slide_scale=np.stack(scales),
+        feature_mean=g_mean.astype(np.float32),
+        feature_std=g_std.astype(np.float32),
+    )
 
 
-def _spatial_blocks(xy: np.ndarray, fraction: float, rng: np.random.Generator, block_size: int = 12) -> np.ndarray:
-    """Boolean validation mask made of whole spatial blocks (k-means regions of ~``block_size`` spots)."""
+def spatial_blocks(xy: np.ndarray, fraction: float, rng: np.random.Generator, block_size: int = 12) -> np.ndarray:
+    """Boolean validation mask made of whole spatial blocks (k-means regions of about ``block_size`` spots)."""
     from sklearn.cluster import KMeans
 
     n = len(xy)
@@ -175,34 +234,340 @@ def _spatial_blocks(xy: np.ndarray, fraction: float, rng: np.random.Generator, b
     return val
 
 
+def validation_mask(data: TrainingData, fraction: float, rng: np.random.Generator) -> np.ndarray:
+    """Spatial-block validation spots, drawn within each slide."""
+    mask = np.zeros(len(data.bags), dtype=bool)
+    for s in np.unique(data.slide_of_spot):
+        idx = np.flatnonzero(data.slide_of_spot == s)
+        mask[idx] = spatial_blocks(data.spot_xy[idx], fraction, rng)
+    return mask
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# the optimisation loop
+# --------------------------------------------------------------------------------------------------------------------
+@dataclass
+class FitSettings:
+    """Optimisation settings shared by the members of an ensemble."""
+
+    lr: float = 1e-4
+    weight_decay: float = 1e-4
+    batch_size: int = 8
+    max_epochs: int = 1000
+    patience: int = 30
+    min_delta: float = 1e-4
+    device: str = "cpu"
+    checkpoint_every: int = 10
+    show_progress_bar: bool = True
+
+
+def _loss_fn(config, net, data_t, spot_idx, cell_index, bag_index):
+    import torch
+
+    from ..models import bag_mean
+    from ..models._losses import cosine_per_slide, mse, nb_nll, poisson_nll
+
+    idx = torch.from_numpy(spot_idx).to(data_t["x"].device)
+    pred = bag_mean(net(data_t["x"][cell_index]), bag_index, len(spot_idx))
+    if config.loss == "mse":
+        return mse(pred, data_t["scaled"][idx])
+    if config.loss == "cosine":
+        return cosine_per_slide(pred, data_t["scaled"][idx], data_t["slide"][idx])
+    mu = pred * (data_t["library"][idx] / TARGET_SUM)[:, None]
+    if config.loss == "nb":
+        return nb_nll(mu, data_t["counts"][idx], net.log_theta, parametrization=config.nb_parametrization)
+    return poisson_nll(mu, data_t["counts"][idx])
+
+
+def _output_init(config, data: TrainingData, train_idx: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    from ..models import COUNT_LOSSES, inverse_softplus
+
+    if config.loss in COUNT_LOSSES:
+        rate = (data.counts[train_idx] / data.library[train_idx, None] * TARGET_SUM).mean(axis=0)
+        scale = np.maximum(rate, 1e-3).astype(np.float32)
+        return inverse_softplus(np.ones(config.n_genes)), scale
+    return inverse_softplus(np.maximum(data.scaled[train_idx].mean(axis=0), 1e-3)), None
+
+
+def fit_member(
+    config,
+    data: TrainingData,
+    *,
+    val_mask: np.ndarray,
+    settings: FitSettings,
+    seed: int,
+    checkpoint: Path | None = None,
+    resume: bool = False,
+    desc: str = "train",
+) -> tuple[dict, dict[str, list[float]], int]:
+    """Train one network; returns its best weights, loss history and best epoch (1-based)."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from ..models import build_network
+
+    device = settings.device
+    rng = np.random.default_rng(seed)
+    torch.manual_seed(seed)
+    train_idx, val_idx = np.flatnonzero(~val_mask), np.flatnonzero(val_mask)
+    bias, scale = _output_init(config, data, train_idx)
+    net = build_network(config, output_bias=bias, output_scale=scale).to(device)
+    opt = torch.optim.AdamW(net.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+    data_t = {
+        "x": torch.from_numpy(data.x).to(device),
+        "scaled": torch.from_numpy(data.scaled.astype(np.float32)).to(device),
+        "counts": torch.from_numpy(data.counts).to(device),
+        "library": torch.from_numpy(data.library).to(device),
+        "slide": torch.from_numpy(data.slide_of_spot).to(device),
+    }
+    history: dict[str, list[float]] = {"train_loss": [], "val_loss": []}
+    state = {"epoch": 0, "best": np.inf, "best_epoch": 0, "wait": 0, "best_state": None, "stopped": False}
+
+    if checkpoint is not None and resume and checkpoint.exists():
+        ck = torch.load(checkpoint, map_location=device, weights_only=False)
+        net.load_state_dict(ck["net"])
+        opt.load_state_dict(ck["opt"])
+        history, state = ck["history"], ck["state"]
+        rng.bit_generator.state = ck["rng"]
+        torch.set_rng_state(ck["torch_rng"])
+        logger.info(f"{desc}: resumed from {checkpoint} at epoch {state['epoch']}")
+
+    def _save() -> None:
+        if checkpoint is None:
+            return
+        checkpoint.parent.mkdir(parents=True, exist_ok=True)
+        tmp = checkpoint.with_suffix(".tmp")
+        torch.save(
+            {
+                "net": net.state_dict(),
+                "opt": opt.state_dict(),
+                "history": history,
+                "state": state,
+                "rng": rng.bit_generator.state,
+                "torch_rng": torch.get_rng_state(),
+            },
+            tmp,
+        )
+        tmp.replace(checkpoint)  # atomic: an interruption never leaves a half-written checkpoint
+
+    def _batches(idx: np.ndarray) -> list[np.ndarray]:
+        if config.loss == "cosine":  # MISO: all spots of a slide in one batch
+            return [idx[data.slide_of_spot[idx] == s] for s in np.unique(data.slide_of_spot[idx])]
+        perm = rng.permutation(idx)
+        return [perm[i : i + settings.batch_size] for i in range(0, len(perm), settings.batch_size)]
+
+    def _cells(spot_idx: np.ndarray):
+        cells = [data.bags[i] for i in spot_idx]
+        cell_index = torch.from_numpy(np.concatenate(cells)).to(device)
+        bag_index = torch.from_numpy(np.repeat(np.arange(len(cells)), [len(c) for c in cells])).to(device)
+        return cell_index, bag_index
+
+    val_cells = _cells(val_idx) if len(val_idx) else None
+    bar = tqdm(total=settings.max_epochs, initial=state["epoch"], desc=desc, disable=not settings.show_progress_bar)
+    try:
+        while state["epoch"] < settings.max_epochs and not state["stopped"]:
+            net.train()
+            total, n = 0.0, 0
+            for batch in _batches(train_idx):
+                if len(batch) == 0:
+                    continue
+                opt.zero_grad()
+                loss = _loss_fn(config, net, data_t, batch, *_cells(batch))
+                loss.backward()
+                opt.step()
+                total += loss.item() * len(batch)
+                n += len(batch)
+            history["train_loss"].append(total / max(n, 1))
+            if val_cells is not None:
+                net.eval()
+                with torch.no_grad():
+                    val = float(_loss_fn(config, net, data_t, val_idx, *val_cells).item())
+                history["val_loss"].append(val)
+            else:
+                val = history["train_loss"][-1]
+            epoch = state["epoch"]
+            if val < state["best"] - settings.min_delta * max(abs(state["best"]), 1e-8) or state["best_state"] is None:
+                state.update(best=val, best_epoch=epoch, wait=0)
+                state["best_state"] = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
+            else:
+                state["wait"] += 1
+                if val_cells is not None and state["wait"] >= settings.patience:
+                    state["stopped"] = True
+            state["epoch"] = epoch + 1
+            bar.update(1)
+            bar.set_postfix(train=f"{history['train_loss'][-1]:.4f}", val=f"{val:.4f}")
+            if state["epoch"] % settings.checkpoint_every == 0:
+                _save()
+    except KeyboardInterrupt:
+        _save()
+        logger.warning(f"{desc}: interrupted at epoch {state['epoch']}; resume with `resume=True`.")
+        raise
+    finally:
+        bar.close()
+    _save()
+    if not state["stopped"] and val_cells is not None:
+        logger.warning(
+            f"{desc}: reached max_epochs={settings.max_epochs} before the validation loss converged; "
+            "consider a larger `max_epochs` or learning rate."
+        )
+    logger.info(
+        f"{desc}: {state['epoch']} epochs, best validation loss {state['best']:.4f} at epoch {state['best_epoch'] + 1}"
+    )
+    return state["best_state"], history, state["best_epoch"] + 1
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# public API
+# --------------------------------------------------------------------------------------------------------------------
+def fit_slides(
+    slides: Sequence[Slide],
+    genes: Sequence[str],
+    *,
+    loss: str = "mse",
+    nb_parametrization: str = "mean",
+    hidden: Sequence[int] = (256, 256, 256),
+    dropout: float = 0.0,
+    n_models: int = 1,
+    val_fraction: float = 0.15,
+    embedding_scaling: str = "slide",
+    seed: int = 0,
+    settings: FitSettings | None = None,
+    checkpoint_dir: str | Path | None = None,
+    resume: bool = False,
+    extra_params: dict[str, Any] | None = None,
+) -> ScellstModel:
+    """Fit a (possibly ensembled) sCellST model on prepared slides (see :func:`train`)."""
+    from .. import __version__
+    from ..models import MILConfig, ScellstModel
+
+    settings = settings or FitSettings()
+    feature_names = slides[0].feature_names
+    for s in slides[1:]:
+        if s.feature_names != feature_names:
+            raise ValueError("The slides' embedding tables have different features; embed them the same way.")
+    methods = {s.embedding_method for s in slides}
+    if len(methods) > 1:
+        raise ValueError(f"The slides were embedded with different methods: {sorted(methods)}.")
+    if n_models < 1:
+        raise ValueError("`n_models` must be at least 1.")
+    data = build_training_data(slides, genes, embedding_scaling)
+    config = MILConfig(
+        n_features=len(feature_names),
+        n_genes=len(genes),
+        hidden=tuple(hidden),
+        dropout=dropout,
+        loss=loss,
+        nb_parametrization=nb_parametrization,
+    )
+    ckdir = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    if ckdir is not None:
+        ckdir.mkdir(parents=True, exist_ok=True)
+        run = {"genes": list(genes), "loss": loss, "n_features": len(feature_names), "seed": seed}
+        run_file = ckdir / "run.json"
+        if resume and run_file.exists() and json.loads(run_file.read_text()) != run:
+            raise ValueError(
+                f"The checkpoints in {str(ckdir)!r} belong to another training run (genes, loss or seed differ); "
+                "use another `checkpoint_dir` or `resume=False`."
+            )
+        run_file.write_text(json.dumps(run))
+    members, histories, best_epochs, n_val = [], [], [], []
+    logger.info(
+        f"Training sCellST ({loss}) on {len(slides)} slide(s): {len(data.bags):,} spots, "
+        f"{sum(len(b) for b in data.bags):,} cells in spots, {len(genes)} genes, {len(feature_names)} features"
+        + (f", {n_models} ensemble members" if n_models > 1 else "")
+    )
+    for m in range(n_models):
+        member_seed = seed + 1000 * m
+        val_mask = validation_mask(data, val_fraction, np.random.default_rng(member_seed))
+        n_val.append(int(val_mask.sum()))
+        state, hist, best = fit_member(
+            config,
+            data,
+            val_mask=val_mask,
+            settings=settings,
+            seed=member_seed,
+            checkpoint=None if ckdir is None else ckdir / f"member_{m}.pt",
+            resume=resume,
+            desc=f"train[{m + 1}/{n_models}]" if n_models > 1 else "train",
+        )
+        members.append(state)
+        histories.append(hist)
+        best_epochs.append(best)
+    gene_scale = data.slide_scale.mean(axis=0).astype(np.float32)
+    params = {
+        "loss": loss,
+        "nb_parametrization": nb_parametrization,
+        "lr": settings.lr,
+        "weight_decay": settings.weight_decay,
+        "batch_size": settings.batch_size,
+        "max_epochs": settings.max_epochs,
+        "patience": settings.patience,
+        "val_fraction": val_fraction,
+        "seed": seed,
+        "n_models": n_models,
+        "best_epoch": best_epochs[0],
+        "best_epochs": best_epochs,
+        "n_slides": len(slides),
+        "slides": [s.name for s in slides],
+        "n_train_spots": len(data.bags) - n_val[0],
+        "n_val_spots": n_val[0],
+        "target": "log1p(counts per 1e4) / per-slide robust scale" if loss in ("mse", "cosine") else "raw counts",
+    }
+    params.update(extra_params or {})
+    return ScellstModel(
+        config=config,
+        genes=list(genes),
+        feature_names=list(feature_names),
+        embedding_method=next(iter(methods)),
+        embedding_scaling=embedding_scaling,
+        feature_mean=data.feature_mean,
+        feature_std=data.feature_std,
+        gene_scale=gene_scale,
+        members=members,
+        history=histories,
+        params=params,
+        version=__version__,
+    )
+
+
 def train(
     sdata: SpatialData | Sequence[SpatialData],
     *,
     genes: Sequence[str] | None = None,
+    flavor: Literal["hvg", "svg", "rmax"] = "hvg",
     n_top_genes: int = 50,
+    loss: Literal["mse", "nb", "poisson", "cosine"] = "mse",
+    nb_parametrization: Literal["mean", "total_count"] = "mean",
+    n_models: int = 1,
     shapes_key: str = Key.NUCLEI,
     table_key: str | None = None,
     spots_key: str = Key.SPOTS,
     spot_table_key: str = Key.SPOTS_COUNTS,
+    min_gene_counts: int = 200,
+    min_spot_fraction: float = 0.1,
+    exclude_mt: bool = False,
+    min_spot_counts: float = 20,
     hidden: Sequence[int] = (256, 256, 256),
     dropout: float = 0.0,
     lr: float = 1e-4,
     weight_decay: float = 1e-4,
     batch_size: int = 8,
-    max_epochs: int = 300,
-    patience: int = 25,
+    max_epochs: int = 1000,
+    patience: int = 30,
     val_fraction: float = 0.15,
     embedding_scaling: Literal["slide", "global"] = "slide",
     seed: int = 0,
     device: str = "cpu",
+    checkpoint_dir: str | Path | None = None,
+    resume: bool = False,
     show_progress_bar: bool = True,
 ) -> ScellstModel:
     """Train the sCellST multiple-instance model: each spot is a bag of cells, a per-cell MLP predicts expression.
 
-    The cell predictions of a spot are averaged and fitted (MSE) to the spot's ``log1p`` expression normalised to
-    10,000 counts, each gene divided by its standard deviation over the training spots (no centring, so targets stay
-    non-negative like the softplus output). Validation spots are whole spatial blocks, so early stopping is not
-    fooled by neighbouring spots; the best epoch's weights are kept.
+    The cell predictions of a spot are averaged and fitted to the spot's measured expression. Validation spots are
+    whole spatial blocks of each slide, so early stopping is not fooled by neighbouring spots; training stops when
+    the validation loss has not improved for ``patience`` epochs (``max_epochs`` is only a safety cap), and the best
+    epoch's weights are kept. The output layer starts at the mean target, so no epochs are spent fitting an offset.
 
     Parameters
     ----------
@@ -210,45 +575,62 @@ def train(
         One SpatialData, or a list for multi-slide training. Each needs nucleus shapes assigned to spots
         (:func:`scellst.pp.assign_cells`), an embedding table (:func:`scellst.tl.embed_cells`) and a spot count table.
     genes
-        Genes to learn. ``None`` selects the ``n_top_genes`` highly variable genes (scanpy ``seurat_v3`` on the
-        spot counts, batch-aware across slides).
+        Genes to learn. ``None`` selects ``n_top_genes`` genes with :func:`scellst.pp.select_genes` (``flavor``)
+        on the training slides, after the gene filters.
+    flavor
+        Gene selection flavor when ``genes`` is ``None``: ``"hvg"``, ``"svg"`` or ``"rmax"``.
     n_top_genes
         Number of genes selected when ``genes`` is ``None``.
+    loss
+        ``"mse"`` on log-normalised values scaled per gene and slide (robust scale; inverted at prediction),
+        ``"nb"`` negative binomial on raw counts (learned per-gene dispersion, spot library size as size factor),
+        ``"poisson"``, or ``"cosine"`` (MISO's per-slide cosine, one batch per slide). See
+        :mod:`scellst.models._losses` for when to use each.
+    nb_parametrization
+        ``"mean"`` (mean and dispersion) or ``"total_count"`` (torch's total count and logits) for ``loss="nb"``.
+    n_models
+        Ensemble size: members use different seeds and validation blocks; predictions are their mean and the
+        per-cell spread is stored by :func:`predict`.
     shapes_key, table_key, spots_key, spot_table_key
         Element names: nucleus shapes, embedding table (default ``f"{shapes_key}_embeddings"``), spot shapes and
         spot count table.
-    hidden
-        Widths of the hidden layers (the paper: three layers of 256).
-    dropout
-        Dropout after each hidden layer.
+    min_gene_counts, min_spot_fraction, exclude_mt
+        Gene filters applied before the automatic selection (paper: >= 200 counts, detected in >= 10 % of spots).
+    min_spot_counts
+        Spots with fewer counts (or without nuclei) are dropped (paper: 20).
+    hidden, dropout
+        Hidden layer widths (paper: three of 256) and dropout.
     lr, weight_decay
         AdamW learning rate and weight decay.
     batch_size
-        Number of spots (bags) per optimisation step.
+        Spots (bags) per optimisation step (ignored by ``"cosine"``, which uses one slide per step).
     max_epochs, patience
-        Maximum epochs, and epochs without validation improvement before stopping.
+        Safety cap on epochs, and epochs without a validation improvement before stopping.
     val_fraction
-        Fraction of spots held out for validation, drawn as spatial blocks (``0`` disables early stopping).
+        Fraction of each slide's spots held out for validation, as spatial blocks (``0`` disables early stopping).
     embedding_scaling
         ``"slide"`` standardises features per slide (removes slide-level stain differences; the same is done on
         new slides at prediction), ``"global"`` uses the statistics of the training cells.
     seed
-        Random seed (weights, batches, validation blocks).
+        Random seed (weights, batches, validation blocks); the same seed and data give the same model.
     device
         Torch device, e.g. ``"cpu"`` or ``"cuda"``.
+    checkpoint_dir
+        Folder for per-member checkpoints (written every 10 epochs, on interruption and at the end).
+    resume
+        Continue from the checkpoints in ``checkpoint_dir``.
     show_progress_bar
         Show a progress bar over epochs.
 
     Returns
     -------
-    The fitted :class:`scellst.models.ScellstModel` (``model.history`` holds the loss curves).
+    The fitted :class:`scellst.models.ScellstModel` (``model.history`` holds the loss curves of each member,
+    ``model.params`` the settings and the filters applied).
     """
-    import torch
-    from tqdm.auto import tqdm
+    from ..models import LOSSES
 
-    from .. import __version__
-    from ..models import MILConfig, ScellstModel, bag_mean, build_network
-
+    if loss not in LOSSES:
+        raise ValueError(f"Unknown loss {loss!r}; choose one of {LOSSES}.")
     if embedding_scaling not in ("slide", "global"):
         raise ValueError(f"`embedding_scaling` must be 'slide' or 'global', got {embedding_scaling!r}.")
     if not 0 <= val_fraction < 0.9:
@@ -257,125 +639,57 @@ def train(
     if not sdatas:
         raise ValueError("No SpatialData given.")
     slides = [
-        _prepare_slide(
-            s, shapes_key=shapes_key, table_key=table_key, spots_key=spots_key, spot_table_key=spot_table_key
+        prepare_slide(
+            s,
+            name=f"slide_{i}",
+            shapes_key=shapes_key,
+            table_key=table_key,
+            spots_key=spots_key,
+            spot_table_key=spot_table_key,
+            min_spot_counts=min_spot_counts,
         )
-        for s in sdatas
+        for i, s in enumerate(sdatas)
     ]
-    feature_names = list(sdatas[0].tables[_embedding_table(sdatas[0], shapes_key, table_key)].var_names)
-    methods = set()
-    for s in sdatas:
-        emb = s.tables[_embedding_table(s, shapes_key, table_key)]
-        if list(emb.var_names) != feature_names:
-            raise ValueError("The slides' embedding tables have different features; embed them the same way.")
-        methods.add(emb.uns.get("scellst", {}).get("method", "unknown"))
-    if len(methods) > 1:
-        raise ValueError(f"The slides were embedded with different methods: {sorted(methods)}.")
-    genes = _select_genes(slides, genes, n_top_genes)
-    rng = np.random.default_rng(seed)
-    torch.manual_seed(seed)
-
-    # features: per-slide or global standardisation
-    all_feats = np.concatenate([s.features for s in slides])
-    g_mean, g_std = all_feats.mean(axis=0), all_feats.std(axis=0)
-    xs, ys, bags, val_mask, offset = [], [], [], [], 0
-    for s in slides:
-        if embedding_scaling == "slide":
-            mean, std = s.features.mean(axis=0), s.features.std(axis=0)
-        else:
-            mean, std = g_mean, g_std
-        xs.append((s.features - mean) / np.where(std > 1e-8, std, 1.0))
-        ys.append(_lognorm(s.counts, genes))
-        bags.extend(b + offset for b in s.bags)
-        offset += s.features.shape[0]
-        val_mask.append(_spatial_blocks(s.spot_xy, val_fraction, rng))
-    x_all = torch.from_numpy(np.concatenate(xs).astype(np.float32)).to(device)
-    y_all = np.concatenate(ys)
-    val_mask = np.concatenate(val_mask)
-    train_idx, val_idx = np.flatnonzero(~val_mask), np.flatnonzero(val_mask)
-    scale = y_all[train_idx].std(axis=0)
-    scale = np.where(scale > 1e-6, scale, 1.0).astype(np.float32)
-    y_scaled = torch.from_numpy(y_all / scale).to(device)
-    logger.info(
-        f"Training sCellST on {len(slides)} slide(s): {len(train_idx):,} training and {len(val_idx):,} validation "
-        f"spots, {sum(len(b) for b in bags):,} cells in spots, {len(genes)} genes, {len(feature_names)} features"
+    selected = rank_genes(
+        [s.counts for s in slides],
+        [s.spot_xy for s in slides],
+        flavor=list(genes) if genes is not None else flavor,
+        n_genes=n_top_genes,
+        min_counts=min_gene_counts,
+        min_spot_fraction=min_spot_fraction,
+        exclude_mt=exclude_mt,
     )
-
-    config = MILConfig(n_features=len(feature_names), n_genes=len(genes), hidden=tuple(hidden), dropout=dropout)
-    net = build_network(config).to(device)
-    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=weight_decay)
-
-    def _batch(spot_idx: np.ndarray):
-        cells = [bags[i] for i in spot_idx]
-        cell_index = torch.from_numpy(np.concatenate(cells)).to(device)
-        bag_index = torch.from_numpy(np.repeat(np.arange(len(cells)), [len(c) for c in cells])).to(device)
-        return cell_index, bag_index
-
-    def _loss(spot_idx: np.ndarray):
-        cell_index, bag_index = _batch(spot_idx)
-        pred = bag_mean(net(x_all[cell_index]), bag_index, len(spot_idx))
-        return torch.mean((pred - y_scaled[torch.from_numpy(spot_idx).to(device)]) ** 2)
-
-    history: dict[str, list[float]] = {"train_loss": [], "val_loss": []}
-    best, best_state, best_epoch, wait = np.inf, None, 0, 0
-    bar = tqdm(range(max_epochs), desc="train", disable=not show_progress_bar)
-    for epoch in bar:
-        net.train()
-        perm = rng.permutation(train_idx)
-        losses = []
-        for start in range(0, len(perm), batch_size):
-            batch = perm[start : start + batch_size]
-            opt.zero_grad()
-            loss = _loss(batch)
-            loss.backward()
-            opt.step()
-            losses.append(loss.item() * len(batch))
-        history["train_loss"].append(float(np.sum(losses) / len(perm)))
-        if len(val_idx):
-            net.eval()
-            with torch.no_grad():
-                val = float(_loss(val_idx).item())
-            history["val_loss"].append(val)
-        else:
-            val = history["train_loss"][-1]
-        bar.set_postfix(train=f"{history['train_loss'][-1]:.4f}", val=f"{val:.4f}")
-        if val < best - 1e-5:
-            best, best_epoch, wait = val, epoch, 0
-            best_state = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
-        else:
-            wait += 1
-            if len(val_idx) and wait >= patience:
-                break
-    bar.close()
-    logger.info(f"Stopped after {epoch + 1} epochs; best validation loss {best:.4f} at epoch {best_epoch + 1}")
-    params = {
-        "lr": lr,
-        "weight_decay": weight_decay,
-        "batch_size": batch_size,
-        "max_epochs": max_epochs,
-        "patience": patience,
-        "val_fraction": val_fraction,
-        "seed": seed,
-        "best_epoch": best_epoch + 1,
-        "n_slides": len(slides),
-        "n_train_spots": len(train_idx),
-        "n_val_spots": len(val_idx),
-        "loss": "mse",
-        "target": "log1p(normalize_total 1e4) / per-gene std",
+    settings = FitSettings(
+        lr=lr,
+        weight_decay=weight_decay,
+        batch_size=batch_size,
+        max_epochs=max_epochs,
+        patience=patience,
+        device=device,
+        show_progress_bar=show_progress_bar,
+    )
+    filters = {
+        "gene_selection": "user list" if genes is not None else flavor,
+        "min_gene_counts": min_gene_counts,
+        "min_spot_fraction": min_spot_fraction,
+        "exclude_mt": exclude_mt,
+        "min_spot_counts": min_spot_counts,
     }
-    return ScellstModel(
-        config=config,
-        genes=list(genes),
-        feature_names=feature_names,
-        embedding_method=str(next(iter(methods))),
+    return fit_slides(
+        slides,
+        selected,
+        loss=loss,
+        nb_parametrization=nb_parametrization,
+        hidden=hidden,
+        dropout=dropout,
+        n_models=n_models,
+        val_fraction=val_fraction,
         embedding_scaling=embedding_scaling,
-        feature_mean=g_mean.astype(np.float32),
-        feature_std=g_std.astype(np.float32),
-        gene_scale=scale,
-        state_dict=best_state,
-        history=history,
-        params=params,
-        version=__version__,
+        seed=seed,
+        settings=settings,
+        checkpoint_dir=checkpoint_dir,
+        resume=resume,
+        extra_params=filters,
     )
 
 
@@ -384,6 +698,14 @@ def load_model(path: str | Path) -> ScellstModel:
     from ..models import ScellstModel
 
     return ScellstModel.load(path)
+
+
+def _bags_from_obs(spot_of: pd.Series) -> tuple[list[str], list[np.ndarray]]:
+    values = spot_of.astype(object).to_numpy()
+    ok = pd.notna(values)
+    groups = pd.Series(np.flatnonzero(ok)).groupby(pd.Series(values[ok]).astype(str).to_numpy())
+    ids = [str(k) for k, _ in groups]
+    return ids, [v.to_numpy() for _, v in groups]
 
 
 def predict(
@@ -395,12 +717,13 @@ def predict(
     key_added: str | None = None,
     spots_key: str | None = Key.SPOTS,
     spots_key_added: str = Key.SPOTS_PREDICTED,
+    batch_size: int = 65536,
     overwrite: bool = False,
 ) -> None:
     """Predict the expression of every cell and write it back as a table annotating the nucleus shapes.
 
     Works on any slide with nucleus shapes and an embedding table made the same way as the training slides,
-    including H&E-only slides from :func:`scellst.io.from_image`.
+    including H&E-only slides from :func:`scellst.io.from_image`. Cells go through the network in batches.
 
     Parameters
     ----------
@@ -415,18 +738,21 @@ def predict(
     key_added
         Name of the predicted cell table (default ``f"{shapes_key}_expression"``).
     spots_key
-        Spot shapes; when the cells were assigned to spots, spot-level predictions (the mean of each spot's cells)
-        are also written. ``None`` to skip.
+        Spot shapes; when the cells were assigned to spots, spot-level predictions are also written. ``None`` to
+        skip.
     spots_key_added
         Name of the spot-level prediction table.
+    batch_size
+        Cells per forward pass.
     overwrite
         Replace existing tables with the same names.
 
     Returns
     -------
     Nothing; adds ``sdata.tables[key_added]`` (cells x genes, log-normalised units; ``obs['cell_id']``,
-    ``obs['spot_id']`` when assigned, ``obsm['spatial']`` centroids, provenance in ``uns['scellst']``) and, when
-    spots are available, ``sdata.tables[spots_key_added]`` (spots x genes, annotating the spot shapes).
+    ``obs['spot_id']`` when assigned, ``obsm['spatial']`` centroids, ``layers['ensemble_std']`` for ensembles,
+    provenance in ``uns['scellst']``) and, when spots are available, ``sdata.tables[spots_key_added]`` (spots x genes,
+    annotating the spot shapes: the mean of each spot's cells, or ``log1p`` of their mean rate for count losses).
     """
     import anndata as ad
     from spatialdata.models import TableModel
@@ -436,17 +762,23 @@ def predict(
     if isinstance(model, str | Path):
         model = ScellstModel.load(model)
     shapes_key = get_key(sdata, "shapes", shapes_key, what="nucleus shapes")
-    emb_key = _embedding_table(sdata, shapes_key, table_key)
+    emb_key = embedding_table_key(sdata, shapes_key, table_key)
     key_added = key_added or f"{shapes_key}{Key.EXPRESSION_SUFFIX}"
     check_writable(sdata, key_added, overwrite=overwrite)
     emb = sdata.tables[emb_key]
     method = emb.uns.get("scellst", {}).get("method", "unknown")
     model.check_compatible(list(emb.var_names), method)
-    values = model.predict_cells(np.asarray(emb.X))
+    features = np.asarray(emb.X)
+    if model.n_models > 1:
+        values, spread = model.predict_cells(features, batch_size=batch_size, return_std=True)
+    else:
+        values, spread = model.predict_cells(features, batch_size=batch_size), None
 
     obs = emb.obs[[c for c in (Col.CELL_ID, Col.SPOT_ID) if c in emb.obs]].copy()
     obs[Col.REGION] = pd.Categorical([shapes_key] * emb.n_obs)
     table = ad.AnnData(X=values, obs=obs, var=pd.DataFrame(index=model.genes))
+    if spread is not None:
+        table.layers["ensemble_std"] = spread
     table.obsm["spatial"] = np.asarray(emb.obsm["spatial"])
     table.uns["scellst"] = provenance(
         model.params,
@@ -462,23 +794,19 @@ def predict(
     spot_table = None
     if spots_key is not None and spots_key in sdata.shapes and Col.SPOT_ID in obs:
         check_writable(sdata, spots_key_added, overwrite=overwrite)
-        spot_of = obs[Col.SPOT_ID].astype(object)
-        in_spot = pd.notna(spot_of).to_numpy()
-        if in_spot.any():
-            df = pd.DataFrame(values[in_spot], columns=model.genes)
-            df[Col.SPOT_ID] = spot_of[in_spot].astype(str).to_numpy()
-            grouped = df.groupby(Col.SPOT_ID)
-            means = grouped.mean()
+        ids, bags = _bags_from_obs(obs[Col.SPOT_ID])
+        if ids:
+            spot_values = model.predict_spots(features, bags)
             sobs = pd.DataFrame(
                 {
-                    Col.SPOT_ID: means.index.astype(str),
-                    Col.REGION: pd.Categorical([spots_key] * len(means)),
-                    Col.N_CELLS: grouped.size().reindex(means.index).to_numpy(),
+                    Col.SPOT_ID: ids,
+                    Col.REGION: pd.Categorical([spots_key] * len(ids)),
+                    Col.N_CELLS: [len(b) for b in bags],
                 },
-                index=means.index.astype(str),
+                index=pd.Index(ids),
             )
-            spot_adata = ad.AnnData(X=means.to_numpy(dtype=np.float32), obs=sobs, var=pd.DataFrame(index=model.genes))
-            spot_adata.uns["scellst"] = provenance({}, function="predict", units="mean of cell predictions")
+            spot_adata = ad.AnnData(X=spot_values.astype(np.float32), obs=sobs, var=pd.DataFrame(index=model.genes))
+            spot_adata.uns["scellst"] = provenance({}, function="predict", units="log1p(counts / total * 1e4)")
             spot_table = TableModel.parse(spot_adata, region=spots_key, region_key=Col.REGION, instance_key=Col.SPOT_ID)
 
     write_element(sdata, key_added, table, overwrite=overwrite, what=f"{table.n_obs:,} cells x {table.n_vars} genes")

@@ -1,0 +1,123 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import scellst
+from scellst.models._losses import nb_nll
+
+from .conftest import fresh_copy
+
+FAST = {"lr": 1e-3, "max_epochs": 40, "show_progress_bar": False}
+
+
+@pytest.mark.parametrize("loss", ["nb", "poisson", "cosine"])
+def test_losses_learn_cells(processed, loss):
+    sdata = fresh_copy(processed)
+    model = scellst.tl.train(sdata, loss=loss, **{**FAST, "max_epochs": 150})
+    scellst.tl.predict(sdata, model)
+    cells = sdata.tables["nuclei_expression"].X
+    assert np.isfinite(cells).all()
+    assert (cells >= 0).all()
+    corr = scellst.tl.evaluate(sdata, level="cell")
+    assert corr["pearson"].mean() > 0.4, loss
+    if loss != "cosine":  # cosine fits patterns, not levels
+        spots = scellst.tl.evaluate(sdata)
+        assert spots["rmse"].mean() < 1.0
+
+
+def test_nb_parametrisations_agree():
+    mu = torch.tensor([[0.5, 3.0], [10.0, 0.1]])
+    counts = torch.tensor([[0.0, 4.0], [12.0, 1.0]])
+    log_theta = torch.tensor([0.3, 1.5])
+    a = nb_nll(mu, counts, log_theta, parametrization="mean")
+    b = nb_nll(mu, counts, log_theta, parametrization="total_count")
+    assert float(a) == pytest.approx(float(b), rel=1e-4)
+
+
+def test_mse_scaling_is_inverted(processed):
+    """Predictions come back in log-normalised units, not in the per-slide scaled units of training."""
+    from scellst.pp._genes import lognorm
+    from scellst.tl._train import prepare_slide
+
+    model = scellst.tl.train(processed, **{**FAST, "max_epochs": 100})
+    assert model.gene_scale.min() < 0.6
+    assert model.gene_scale.max() > 2
+    slide = prepare_slide(processed)
+    pred = model.predict_spots(slide.features, slide.bags).mean(axis=0)
+    true = lognorm(slide.counts, model.genes).mean(axis=0)
+    np.testing.assert_allclose(pred, true, rtol=0.1)
+
+
+def test_same_seed_same_model_and_ensembles(processed):
+    a = scellst.tl.train(processed, seed=3, **FAST)
+    b = scellst.tl.train(processed, seed=3, **FAST)
+    x = processed.tables["nuclei_embeddings"].X
+    np.testing.assert_array_equal(a.predict_cells(x), b.predict_cells(x))
+    c = scellst.tl.train(processed, seed=4, **FAST)
+    assert not np.array_equal(a.predict_cells(x), c.predict_cells(x))
+
+    ens = scellst.tl.train(processed, seed=3, n_models=3, **FAST)
+    assert ens.n_models == 3
+    assert len(ens.history) == 3
+    sdata = fresh_copy(processed)
+    scellst.tl.predict(sdata, ens)
+    spread = sdata.tables["nuclei_expression"].layers["ensemble_std"]
+    assert spread.shape == sdata.tables["nuclei_expression"].shape
+    assert (spread >= 0).all()
+    assert spread.mean() > 0
+
+
+def test_checkpoint_resume_matches_uninterrupted_run(processed, tmp_path):
+    opts = {"seed": 1, "lr": 1e-3, "patience": 1000, "show_progress_bar": False}
+    full = scellst.tl.train(processed, max_epochs=20, **opts)
+    scellst.tl.train(processed, max_epochs=10, checkpoint_dir=tmp_path, **opts)  # "interrupted" after 10 epochs
+    assert (tmp_path / "member_0.pt").exists()
+    resumed = scellst.tl.train(processed, max_epochs=20, checkpoint_dir=tmp_path, resume=True, **opts)
+    assert len(resumed.history[0]["train_loss"]) == 20
+    x = processed.tables["nuclei_embeddings"].X
+    np.testing.assert_allclose(resumed.predict_cells(x), full.predict_cells(x), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="another training run"):
+        scellst.tl.train(processed, max_epochs=20, checkpoint_dir=tmp_path, resume=True, loss="nb", **opts)
+
+
+def test_multi_slide_training_and_filters(processed):
+    model = scellst.tl.train([processed, processed], n_top_genes=12, **FAST)
+    assert model.params["n_slides"] == 2
+    assert len(model.genes) == 12
+    assert model.params["min_gene_counts"] == 200
+    assert model.params["min_spot_counts"] == 20
+
+
+def test_evaluate_from_model_and_from_tables_agree(processed, model):
+    sdata = fresh_copy(processed)
+    scellst.tl.predict(sdata, model)
+    from_tables = scellst.tl.evaluate(sdata)
+    from_model = scellst.tl.evaluate(sdata, model)
+    assert list(from_tables.columns) == ["pearson", "spearman", "rmse", "mae"]
+    np.testing.assert_allclose(from_tables["pearson"], from_model.loc[from_tables.index, "pearson"], atol=1e-4)
+    with pytest.raises(KeyError, match="missing"):
+        scellst.tl.evaluate(sdata, genes=["NOPE"])
+
+
+def test_cross_validate_with_baselines(processed):
+    df = scellst.tl.cross_validate(
+        {"a": processed, "b": processed},
+        models={"mil": {"max_epochs": 30, "lr": 1e-3}},
+        baselines=("ridge", "spot_mlp"),
+        n_genes=10,
+    )
+    assert set(df["model"]) == {"mil", "ridge", "spot_mlp"}
+    assert set(df["fold"]) == {"a", "b"}
+    assert len(df) == 2 * 3 * 10
+    assert {"pearson", "spearman", "rmse", "mae", "train_seconds"} <= set(df.columns)
+    means = df.groupby("model")["pearson"].mean()
+    assert (means > 0.3).all()  # the same tissue: every model must find the signal
+
+    single = scellst.tl.cross_validate(
+        {"a": processed}, scheme="single_slide", n_folds=2, models={"mil": {"max_epochs": 20, "lr": 1e-3}}, baselines=()
+    )
+    assert set(single["fold"]) == {"a/fold0", "a/fold1"}
+    with pytest.raises(ValueError, match="at least two slides"):
+        scellst.tl.cross_validate({"a": processed})
