@@ -12,38 +12,11 @@ stage and the peak memory.
 from __future__ import annotations
 
 import argparse
-import resource
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
-
-warnings.filterwarnings("ignore")
-
-
-def prepare(section: str, data: Path, cache: Path):
-    import spatialdata as sd
-
-    import scellst
-
-    store = cache / f"her2st_{section}.zarr"
-    if store.exists():
-        return sd.read_zarr(store), {}
-    times = {}
-    t = time.perf_counter()
-    sdata = scellst.datasets.her2st(section, path=data / "her2st")
-    times["read"] = time.perf_counter() - t
-    t = time.perf_counter()
-    scellst.pp.segment_nuclei(sdata, show_progress_bar=False)
-    times["segment"] = time.perf_counter() - t
-    scellst.pp.assign_cells(sdata)
-    t = time.perf_counter()
-    scellst.tl.embed_cells(sdata, show_progress_bar=False)
-    times["embed"] = time.perf_counter() - t
-    cache.mkdir(parents=True, exist_ok=True)
-    sdata.write(store)
-    return sd.read_zarr(store), times
+from _common import her2st_section, peak_memory_gib
 
 
 def main() -> None:
@@ -58,14 +31,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
-    slides = {}
-    for s in [*args.train, args.test]:
-        slides[s], times = prepare(s, args.data, args.cache)
-        n = len(slides[s].shapes["nuclei"])
-        img = slides[s].images["he"]["scale0"].image.shape
-        cells = slides[s].tables["spots_counts"].obs["n_cells"]
-        msg = ", ".join(f"{k} {v:.1f} s" for k, v in times.items()) or "cached"
-        print(f"{s}: image {img[2]}x{img[1]} px, {n:,} nuclei, median {cells.median():.0f} per spot ({msg})")
+    slides = {s: her2st_section(s, data=args.data, cache=args.cache) for s in [*args.train, args.test]}
 
     train = [slides[s] for s in args.train]
     test = slides[args.test]
@@ -92,7 +58,7 @@ def main() -> None:
         )
     top = results["model"].sort_values("pearson", ascending=False).head(10)
     print("best genes:", ", ".join(f"{g} {r:.2f}" for g, r in top["pearson"].items()))
-    print(f"peak memory (max RSS): {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2:.2f} GiB")
+    print(f"peak memory (max RSS): {peak_memory_gib():.2f} GiB")
 
 
 if __name__ == "__main__":

@@ -121,3 +121,11 @@ def test_cross_validate_with_baselines(processed):
     assert set(single["fold"]) == {"a/fold0", "a/fold1"}
     with pytest.raises(ValueError, match="at least two slides"):
         scellst.tl.cross_validate({"a": processed})
+
+
+def test_prediction_streams_dask_features(model, processed):
+    import dask.array as da
+
+    x = np.asarray(processed.tables["nuclei_embeddings"].X)
+    lazy = da.from_array(x, chunks=(700, x.shape[1]))
+    np.testing.assert_allclose(model.predict_cells(lazy, batch_size=256), model.predict_cells(x), rtol=1e-4, atol=1e-5)

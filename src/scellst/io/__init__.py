@@ -1,6 +1,7 @@
 """Readers: bring H&E images and spot transcriptomics into a scellst SpatialData."""
 
 from .._utils import set_microns_per_pixel
+from ._nuclei import read_nuclei
 from ._readers import from_image, from_spots, visium
 
-__all__ = ["from_image", "from_spots", "set_microns_per_pixel", "visium"]
+__all__ = ["from_image", "from_spots", "read_nuclei", "set_microns_per_pixel", "visium"]

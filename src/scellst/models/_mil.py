@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -131,13 +132,21 @@ class ScellstModel:
             self._nets = nets
         return self._nets
 
-    def standardize(self, features: np.ndarray) -> np.ndarray:
-        """Standardise raw features as during training (per slide, or with the training statistics)."""
+    def _feature_stats(self, features) -> tuple[np.ndarray, np.ndarray]:
+        if self.embedding_scaling != "slide":
+            return self.feature_mean, self.feature_std
+        if hasattr(features, "compute"):  # dask: one streaming pass
+            import dask
+
+            mean, std = dask.compute(features.mean(axis=0), features.std(axis=0))
+            return np.asarray(mean, dtype=np.float32), np.asarray(std, dtype=np.float32)
         x = np.asarray(features, dtype=np.float32)
-        if self.embedding_scaling == "slide":
-            mean, std = x.mean(axis=0), x.std(axis=0)
-        else:
-            mean, std = self.feature_mean, self.feature_std
+        return x.mean(axis=0), x.std(axis=0)
+
+    def standardize(self, features: np.ndarray, stats: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
+        """Standardise raw features as during training (per slide, or with the training statistics)."""
+        mean, std = stats if stats is not None else self._feature_stats(features)
+        x = np.asarray(features, dtype=np.float32)
         return ((x - mean) / np.where(std > 1e-8, std, 1.0)).astype(np.float32)
 
     def _to_lognorm(self, raw: np.ndarray) -> np.ndarray:
@@ -146,26 +155,36 @@ class ScellstModel:
         return raw * self.gene_scale[None, :]
 
     def predict_cells(
-        self, features: np.ndarray, *, batch_size: int = 65536, return_std: bool = False
+        self, features, *, batch_size: int = 65536, return_std: bool = False
     ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
         """Per-cell expression (cells x genes, log-normalised units) from the raw features of one slide.
 
-        Cells are processed in batches of ``batch_size``; with ``return_std`` the spread (standard deviation) across
-        ensemble members is returned too.
+        ``features`` may be a numpy array or a dask array; a dask array is streamed block by block (after one pass
+        for the slide statistics), so the features of all cells are never in memory at once. Cells go through the
+        network in batches of ``batch_size``; with ``return_std`` the spread (standard deviation) across ensemble
+        members is returned too.
         """
         import torch
 
-        x = self.standardize(features)
-        n, g = x.shape[0], len(self.genes)
+        stats = self._feature_stats(features)
+        n, g = features.shape[0], len(self.genes)
         mean = np.empty((n, g), dtype=np.float32)
         std = np.zeros((n, g), dtype=np.float32) if return_std else None
+        if hasattr(features, "compute"):
+            bounds = np.cumsum((0, *features.chunks[0]))
+            blocks = ((int(a), int(b)) for a, b in itertools.pairwise(bounds))
+        else:
+            blocks = iter([(0, n)])
+        nets = self.networks
         with torch.no_grad():
-            for start in range(0, n, batch_size):
-                xb = torch.from_numpy(x[start : start + batch_size])
-                outs = np.stack([self._to_lognorm(net(xb).numpy()) for net in self.networks])
-                mean[start : start + batch_size] = outs.mean(axis=0)
-                if return_std:
-                    std[start : start + batch_size] = outs.std(axis=0)
+            for b0, b1 in blocks:
+                x = self.standardize(np.asarray(features[b0:b1]), stats)
+                for start in range(0, b1 - b0, batch_size):
+                    xb = torch.from_numpy(x[start : start + batch_size])
+                    outs = np.stack([self._to_lognorm(net(xb).numpy()) for net in nets])
+                    mean[b0 + start : b0 + start + len(xb)] = outs.mean(axis=0)
+                    if return_std:
+                        std[b0 + start : b0 + start + len(xb)] = outs.std(axis=0)
         return (mean, std) if return_std else mean
 
     def predict_spots(self, features: np.ndarray, bags: Sequence[np.ndarray]) -> np.ndarray:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Literal
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -13,7 +14,6 @@ from .._utils import (
     check_writable,
     get_key,
     get_microns_per_pixel,
-    image_level0,
     image_rgb_tile,
     record_attr,
     tile_grid,
@@ -34,7 +34,6 @@ class ClassicalParams:
     max_area_um2: float = 250.0
     min_distance_um: float = 2.5
     smooth_um: float = 0.4
-    threshold: float | None = None
 
 
 def _hematoxylin(rgb: np.ndarray) -> np.ndarray:
@@ -43,21 +42,29 @@ def _hematoxylin(rgb: np.ndarray) -> np.ndarray:
     return rgb2hed(rgb)[..., 0].astype(np.float32)
 
 
-def estimate_threshold(arr, *, microns_per_pixel: float, n_patches: int = 12, seed: int = 0) -> float:
-    """Otsu threshold of the haematoxylin channel over full-resolution patches sampled in the tissue.
+def estimate_threshold(
+    arr, *, microns_per_pixel: float, working_mpp: float | None = None, n_patches: int = 12, seed: int = 0
+) -> float:
+    """Otsu threshold of the smoothed haematoxylin channel over patches sampled in the tissue.
 
-    The tissue is found on a coarse view (non-white pixels); patches are read at full resolution, so the threshold
-    matches what each tile sees, and one threshold serves every tile (no tile-to-tile drift).
+    The tissue is found on a coarse view (non-white pixels); patches are read at full resolution and resampled to
+    the working resolution, so the threshold matches what each tile sees, and one threshold serves every tile.
     """
     from skimage.filters import gaussian, threshold_otsu
 
+    from ..tl._segmenter import resample_rgb
+
+    work = max(working_mpp or microns_per_pixel, microns_per_pixel)
     _, h, w = arr.shape
     step = max(1, int(max(h, w) / 512))
     coarse = image_rgb_tile(arr[:, ::step, ::step], 0, None, 0, None).astype(np.float32)
     tissue = coarse.mean(axis=-1) < 215
     ys, xs = np.nonzero(tissue)
-    if len(ys) == 0:
-        raise ValueError("No tissue found in the image (every pixel is near white); is this an H&E image?")
+    if len(ys) < 4:
+        raise ValueError(
+            "No tissue found in the image (every pixel is near white). Is this an H&E image, and is it RGB with "
+            "values in 0-255?"
+        )
     rng = np.random.default_rng(seed)
     pick = rng.choice(len(ys), size=min(n_patches, len(ys)), replace=False)
     patch = max(64, int(round(128 / microns_per_pixel)))
@@ -65,8 +72,10 @@ def estimate_threshold(arr, *, microns_per_pixel: float, n_patches: int = 12, se
     for i in pick:
         cy, cx = ys[i] * step, xs[i] * step
         y0, x0 = max(cy - patch // 2, 0), max(cx - patch // 2, 0)
-        rgb = image_rgb_tile(arr, y0, min(y0 + patch, h), x0, min(x0 + patch, w))
-        hema = gaussian(_hematoxylin(rgb), sigma=max(0.4 / microns_per_pixel, 0.5))
+        rgb = resample_rgb(
+            image_rgb_tile(arr, y0, min(y0 + patch, h), x0, min(x0 + patch, w)), work / microns_per_pixel
+        )
+        hema = gaussian(_hematoxylin(rgb), sigma=max(0.4 / work, 0.5))
         values.append(hema[rgb.mean(axis=-1) < 215])
     values = np.concatenate(values)
     if values.size < 100:
@@ -112,62 +121,92 @@ def segment_tile(rgb: np.ndarray, *, microns_per_pixel: float, threshold: float,
     )
     markers = np.zeros(fg.shape, dtype=np.int32)
     markers[tuple(peaks.T)] = np.arange(1, len(peaks) + 1)
-    # components without a peak (flat plateaus) still get one seed
-    missing = np.setdiff1d(np.unique(components[fg]), np.unique(components[tuple(peaks.T)]))
-    if len(missing):
-        com = ndi.center_of_mass(fg, components, missing)
-        for j, (cy, cx) in enumerate(com):
-            markers[int(cy), int(cx)] = len(peaks) + 1 + j
     labels = watershed(-dist, markers, mask=fg)
+    rest, _ = ndi.label(fg & (labels == 0))  # components without a peak (flat plateaus) keep their own label
+    labels[rest > 0] = rest[rest > 0] + labels.max()
     return labels.astype(np.int32)
+
+
+class ClassicalSegmenter:
+    """Colour deconvolution, one global threshold, distance-transform watershed; at ``working_mpp``."""
+
+    class_names: tuple[str, ...] = ()
+
+    def __init__(self, params: ClassicalParams, threshold: float, working_mpp: float) -> None:
+        self.params, self.threshold, self.working_mpp = params, threshold, working_mpp
+
+    def __call__(self, rgb: np.ndarray) -> tuple[np.ndarray, dict | None]:
+        return segment_tile(rgb, microns_per_pixel=self.working_mpp, threshold=self.threshold, params=self.params), None
+
+
+class UNetSegmenter:
+    """A U-Net from :func:`scellst.tl.train_segmenter`, at its training resolution."""
+
+    def __init__(self, model) -> None:
+        self.model = model
+        self.working_mpp = model.config.microns_per_pixel
+        self.class_names = tuple(model.config.class_names) if model.config.n_classes else ()
+
+    def __call__(self, rgb: np.ndarray) -> tuple[np.ndarray, dict | None]:
+        return self.model.segment(rgb)
 
 
 def _polygons_from_labels(
     labels: np.ndarray,
     *,
-    offset: tuple[int, int],
-    core: tuple[int, int, int, int],
-    microns_per_pixel: float,
+    to_level0: tuple[float, float, float],
+    core: tuple[float, float, float, float],
+    working_mpp: float,
     params: ClassicalParams,
-) -> tuple[list, np.ndarray]:
-    """Polygons (level-0 pixel frame) of the nuclei whose centroid lies in the tile core."""
+    classes: dict | None = None,
+) -> tuple[list, np.ndarray, list]:
+    """Polygons in the level-0 pixel frame of the nuclei whose centroid lies in the tile core.
+
+    ``to_level0 = (scale, oy, ox)`` maps working-resolution pixel centres to level-0 pixel centres:
+    ``y0 = (y + 0.5) * scale - 0.5 + oy``.
+    """
     from shapely.geometry import Polygon
     from skimage.measure import find_contours, regionprops
 
-    oy, ox = offset
+    scale, oy, ox = to_level0
     y0, y1, x0, x1 = core
-    mpp2 = microns_per_pixel**2
-    polys, areas = [], []
+    mpp2 = working_mpp**2
+    polys, areas, cls = [], [], []
     for r in regionprops(labels):
         area_um2 = r.area * mpp2
         if area_um2 < params.min_area_um2 or area_um2 > params.max_area_um2:
             continue
-        cy, cx = r.centroid[0] + oy, r.centroid[1] + ox
+        cy = (r.centroid[0] + 0.5) * scale - 0.5 + oy
+        cx = (r.centroid[1] + 0.5) * scale - 0.5 + ox
         if not (y0 <= cy < y1 and x0 <= cx < x1):
             continue
-        mask = np.pad(r.image, 1)
-        contours = find_contours(mask.astype(np.float32), 0.5)
+        contours = find_contours(np.pad(r.image, 1).astype(np.float32), 0.5)
         if not contours:
             continue
         c = max(contours, key=len)
         if len(c) < 4:
             continue
-        by, bx = r.bbox[0] - 1 + oy, r.bbox[1] - 1 + ox
-        poly = Polygon(np.column_stack([c[:, 1] + bx, c[:, 0] + by]))
-        poly = poly.simplify(0.3, preserve_topology=True)
+        yy = (c[:, 0] + r.bbox[0] - 1 + 0.5) * scale - 0.5 + oy
+        xx = (c[:, 1] + r.bbox[1] - 1 + 0.5) * scale - 0.5 + ox
+        poly = Polygon(np.column_stack([xx, yy])).simplify(0.3 * scale, preserve_topology=True)
         if not poly.is_valid:
             poly = poly.buffer(0)
         if poly.is_empty or poly.geom_type != "Polygon":
             continue
         polys.append(poly)
         areas.append(area_um2)
-    return polys, np.asarray(areas, dtype=float)
+        cls.append(classes.get(r.label, 0) if classes is not None else 0)
+    return polys, np.asarray(areas, dtype=float), cls
 
 
-def _process_tile(data, core, offset, mpp, threshold, params):
-    rgb = to_rgb_uint8(np.asarray(data))
-    labels = segment_tile(rgb, microns_per_pixel=mpp, threshold=threshold, params=params)
-    return _polygons_from_labels(labels, offset=offset, core=core, microns_per_pixel=mpp, params=params)
+def _process_tile(data, core, to_level0, residual, segmenter, params):
+    from ..tl._segmenter import resample_rgb
+
+    rgb = resample_rgb(to_rgb_uint8(np.asarray(data)), residual)
+    labels, classes = segmenter(rgb)
+    return _polygons_from_labels(
+        labels, to_level0=to_level0, core=core, working_mpp=segmenter.working_mpp, params=params, classes=classes
+    )
 
 
 def rasterize_nuclei(gdf: gpd.GeoDataFrame, shape: tuple[int, int], *, chunks: int = 2048):
@@ -193,13 +232,51 @@ def rasterize_nuclei(gdf: gpd.GeoDataFrame, shape: tuple[int, int], *, chunks: i
     return template.map_blocks(_render, dtype=np.uint32)
 
 
+def _pyramid(sdata: SpatialData, image_key: str) -> list[tuple[Any, float]]:
+    """Levels of an image as ``(lazy (c, y, x) array, downscale factor relative to level 0)``."""
+    import xarray as xr
+
+    img = sdata.images[image_key]
+    if not isinstance(img, xr.DataTree):
+        return [(img, 1.0)]
+    levels = [
+        next(iter(img[k].ds.data_vars.values()))
+        for k in sorted(img.children, key=lambda k: int(k.replace("scale", "") or 0))
+    ]
+    w0 = levels[0].shape[-1]
+    return [(lvl, w0 / lvl.shape[-1]) for lvl in levels]
+
+
+def _make_segmenter(method, *, weights, params, threshold, working_mpp, arr0, mpp):
+    """The tile segmenter for ``method`` (classical, a trained U-Net, or an optional backend)."""
+    from ..models._unet import NucleusUNet
+    from ._backends import BACKENDS, backend_segmenter
+
+    if isinstance(method, NucleusUNet):
+        return UNetSegmenter(method)
+    if method == "classical":
+        if threshold is None:
+            threshold = estimate_threshold(arr0, microns_per_pixel=mpp, working_mpp=working_mpp)
+        return ClassicalSegmenter(params, threshold, max(working_mpp, mpp))
+    if method in BACKENDS:
+        return backend_segmenter(method, weights=weights, microns_per_pixel=max(working_mpp, mpp))
+    if isinstance(method, str | Path) and (Path(method).exists() or Path(method).suffix in {".pt", ".pth"}):
+        return UNetSegmenter(NucleusUNet.load(method))  # a missing file raises FileNotFoundError
+    raise ValueError(
+        f"Unknown segmentation method {method!r}: use 'classical', the path of a model from "
+        f"`scellst.tl.train_segmenter`, or one of the optional backends {BACKENDS} (with `weights=`)."
+    )
+
+
 def segment_nuclei(
     sdata: SpatialData,
     image_key: str | None = None,
     *,
-    method: Literal["classical"] = "classical",
+    method: str | Path | Any = "classical",
+    weights: str | Path | None = None,
     key_added: str = Key.NUCLEI,
     labels_key_added: str | None = None,
+    working_mpp: float = 0.5,
     min_area_um2: float = 8.0,
     max_area_um2: float = 250.0,
     min_distance_um: float = 2.5,
@@ -211,11 +288,19 @@ def segment_nuclei(
 ) -> None:
     """Segment nuclei on an H&E image, tile by tile, and store them as polygons (and a label image).
 
-    The classical method works offline: colour deconvolution to the haematoxylin channel, one Otsu threshold
-    estimated on full-resolution patches of the tissue, a morphological clean-up, then a distance-transform
-    watershed that splits touching nuclei. Tiles overlap by ``margin_um``; a nucleus belongs to the tile that holds
-    its centroid, so nuclei cut by tile borders are kept exactly once. Tiles run in parallel with dask (threads,
-    or the active ``dask.distributed`` client); only a few tiles are in memory at a time.
+    Tiles are read from the pyramid level closest to ``working_mpp`` (then resampled to it), overlap by
+    ``margin_um``, and run in parallel with dask (threads, or the active ``dask.distributed`` client); only a few
+    tiles are in memory at a time. A nucleus belongs to the tile that holds its centroid, so nuclei cut by tile
+    borders are kept exactly once.
+
+    Methods
+    -------
+    - ``"classical"`` (default, offline): colour deconvolution to haematoxylin, one Otsu threshold estimated on
+      tissue patches, a morphological clean-up, and a distance-transform watershed that splits touching nuclei.
+    - a path to a model from :func:`scellst.tl.train_segmenter` (or the model object): a U-Net predicting
+      foreground and a distance map, separated by watershed; class-aware models add a ``class`` column.
+    - ``"stardist"``, ``"cellpose"``, ``"instanseg"``: optional backends (install the matching extra) with a local
+      ``weights`` path; nothing is downloaded.
 
     Parameters
     ----------
@@ -224,19 +309,24 @@ def segment_nuclei(
     image_key
         The H&E image; ``None`` for the only image.
     method
-        Segmentation method. Only ``"classical"`` for now.
+        Segmentation method (see above).
+    weights
+        Local weights of an optional backend.
     key_added
         Name of the nucleus shapes.
     labels_key_added
         Name of the label image (default ``f"{key_added}_labels"``); pass ``""`` to skip it.
+    working_mpp
+        Resolution the classical segmenter works at, in microns per pixel (a trained model uses its own). Images
+        at a finer resolution are downsampled; coarser images are used as they are.
     min_area_um2, max_area_um2
         Accepted nucleus areas, in square microns.
     min_distance_um
-        Minimal distance between two nucleus centres (controls the splitting of touching nuclei).
+        Minimal distance between two nucleus centres (classical method).
     threshold
-        Haematoxylin threshold; ``None`` estimates it on the image.
+        Haematoxylin threshold of the classical method; ``None`` estimates it on the image.
     tile_size
-        Tile size in level-0 pixels.
+        Tile size in pixels of the level that is read.
     margin_um
         Overlap between tiles, in microns (larger than a nucleus).
     overwrite
@@ -247,8 +337,9 @@ def segment_nuclei(
     Returns
     -------
     Nothing; adds ``sdata.shapes[key_added]`` (polygons in the image's level-0 pixel frame, with the image's
-    transformations, index ``cell_id`` from 1, column ``area_um2``) and ``sdata.labels[labels_key_added]``
-    (label value = ``cell_id``), and records the source image in ``sdata.attrs['scellst']``.
+    transformations, index ``cell_id`` from 1, columns ``area_um2`` and, for class-aware models, ``class``) and
+    ``sdata.labels[labels_key_added]`` (label value = ``cell_id``), and records the source image in
+    ``sdata.attrs['scellst']``.
     """
     import dask
     import geopandas as gpd
@@ -256,8 +347,6 @@ def segment_nuclei(
     from spatialdata.models import Labels2DModel, ShapesModel
     from spatialdata.transformations import get_transformation
 
-    if method != "classical":
-        raise ValueError(f"Unknown segmentation method {method!r}; available: 'classical'.")
     image_key = get_key(sdata, "images", image_key, what="H&E image")
     labels_key = f"{key_added}_labels" if labels_key_added is None else labels_key_added
     check_writable(sdata, key_added, overwrite=overwrite)
@@ -266,21 +355,40 @@ def segment_nuclei(
     if min_area_um2 <= 0 or max_area_um2 <= min_area_um2:
         raise ValueError("Need 0 < min_area_um2 < max_area_um2 (square microns).")
     mpp = get_microns_per_pixel(sdata, image_key)
-    arr = image_level0(sdata, image_key)
-    _, h, w = arr.shape
-    if threshold is None:
-        threshold = estimate_threshold(arr, microns_per_pixel=mpp)
-    params = ClassicalParams(min_area_um2, max_area_um2, min_distance_um, threshold=threshold)
-    margin = int(np.ceil(margin_um / mpp))
-    tiles = tile_grid(h, w, tile_size)
+    levels = _pyramid(sdata, image_key)
+    arr0 = levels[0][0]
+    n_channels, h, w = arr0.shape
+    if n_channels not in (3, 4):
+        raise ValueError(
+            f"Image {image_key!r} has {n_channels} channel(s); nucleus segmentation needs an RGB H&E image "
+            "(an RGBA image is accepted, its alpha channel is ignored)."
+        )
+    if mpp > 2.0:
+        logger.warning(
+            f"{mpp:.2f} um/px is too coarse to delineate nuclei (about 5-10 um across); expect poor segmentation. "
+            "Use a higher-resolution image, or check the microns per pixel."
+        )
+    params = ClassicalParams(min_area_um2, max_area_um2, min_distance_um)
+    segmenter = _make_segmenter(
+        method, weights=weights, params=params, threshold=threshold, working_mpp=working_mpp, arr0=arr0, mpp=mpp
+    )
+    target = max(segmenter.working_mpp / mpp, 1.0)  # downscale factor from level 0
+    arr, level_factor = max(((a, f) for a, f in levels if f <= target * 1.01), key=lambda t: t[1])
+    residual = target / level_factor
+    _, lh, lw = arr.shape
+    margin = int(np.ceil(margin_um / (mpp * level_factor)))
+    tiles = tile_grid(lh, lw, tile_size)
     tasks = []
     for y0, y1, x0, x1 in tiles:
-        py0, py1, px0, px1 = max(y0 - margin, 0), min(y1 + margin, h), max(x0 - margin, 0), min(x1 + margin, w)
+        py0, py1, px0, px1 = max(y0 - margin, 0), min(y1 + margin, lh), max(x0 - margin, 0), min(x1 + margin, lw)
         data = arr.data[:, py0:py1, px0:px1]
-        tasks.append(dask.delayed(_process_tile)(data, (y0, y1, x0, x1), (py0, px0), mpp, threshold, params))
+        # the core, in level-0 pixel-centre coordinates; working pixel j maps to (j + 0.5) * scale - 0.5 + offset
+        core = tuple(v * level_factor - 0.5 for v in (y0, y1, x0, x1))
+        to_level0 = (residual * level_factor, py0 * level_factor, px0 * level_factor)
+        tasks.append(dask.delayed(_process_tile)(data, core, to_level0, residual, segmenter, params))
     logger.info(
-        f"Segmenting nuclei on {image_key!r} ({w:,} x {h:,} px, {mpp:.3f} um/px) in {len(tiles)} tiles, "
-        f"haematoxylin threshold {threshold:.4f}"
+        f"Segmenting nuclei on {image_key!r} ({w:,} x {h:,} px, {mpp:.3f} um/px) with {type(segmenter).__name__} "
+        f"at {mpp * target:.2f} um/px (pyramid level x{level_factor:g}) in {len(tiles)} tiles"
     )
     results = _compute_with_progress(tasks, show_progress_bar=show_progress_bar, desc="segment_nuclei")
     polys = [p for res in results for p in res[0]]
@@ -295,6 +403,16 @@ def segment_nuclei(
         geometry=polys,
         index=pd.Index(np.arange(1, len(polys) + 1), name=Col.CELL_ID),
     )
+    if segmenter.class_names:
+        names = ["unknown", *segmenter.class_names]
+        codes = np.concatenate([np.asarray(res[2], dtype=int) for res in results])
+        gdf["class"] = pd.Categorical([names[c] if 0 <= c < len(names) else "unknown" for c in codes])
+    median_area = float(np.median(areas))
+    if median_area < 2 * min_area_um2 or median_area > 0.5 * max_area_um2:
+        logger.warning(
+            f"The median nucleus area is {median_area:.1f} um2, unusual for H&E (typically 20-60 um2): check the "
+            f"microns per pixel of {image_key!r} ({mpp})."
+        )
     transformations = get_transformation(sdata.images[image_key], get_all=True)
     shapes = ShapesModel.parse(gdf, transformations=transformations)
     write_element(sdata, key_added, shapes, overwrite=overwrite, what=f"{len(polys):,} nuclei")
@@ -303,7 +421,6 @@ def segment_nuclei(
         labels = rasterize_nuclei(gdf, (h, w))
         labels_el = Labels2DModel.parse(labels, dims=("y", "x"), transformations=transformations)
         write_element(sdata, labels_key, labels_el, overwrite=overwrite, what="nucleus label image")
-    logger.debug(f"segment_nuclei parameters: {asdict(params)}")
 
 
 def _compute_with_progress(tasks: list, *, show_progress_bar: bool, desc: str) -> list:

@@ -1,0 +1,160 @@
+"""A compact U-Net for nucleus segmentation: foreground, normalised distance map and (optionally) a class per pixel."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+UNET_FORMAT = 1
+
+
+@dataclass
+class UNetConfig:
+    """Architecture and input conventions of the segmentation U-Net."""
+
+    base_channels: int = 16
+    depth: int = 3
+    n_classes: int = 0  # 0: no class head
+    class_names: list[str] = field(default_factory=list)
+    microns_per_pixel: float = 0.5  # working resolution of the network
+    min_area_um2: float = 8.0
+
+
+def build_unet(config: UNetConfig):
+    """The torch module: an encoder-decoder with skip connections; outputs ``1 + 1 + n_classes`` channels."""
+    import torch
+    from torch import nn
+
+    def block(cin: int, cout: int) -> nn.Sequential:
+        return nn.Sequential(
+            nn.Conv2d(cin, cout, 3, padding=1, bias=False),
+            nn.BatchNorm2d(cout),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(cout, cout, 3, padding=1, bias=False),
+            nn.BatchNorm2d(cout),
+            nn.ReLU(inplace=True),
+        )
+
+    class UNet(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            ch = [config.base_channels * 2**i for i in range(config.depth + 1)]
+            self.down = nn.ModuleList([block(3, ch[0])] + [block(ch[i], ch[i + 1]) for i in range(config.depth)])
+            self.pool = nn.MaxPool2d(2)
+            self.up = nn.ModuleList([nn.ConvTranspose2d(ch[i + 1], ch[i], 2, stride=2) for i in range(config.depth)])
+            self.dec = nn.ModuleList([block(2 * ch[i], ch[i]) for i in range(config.depth)])
+            self.head = nn.Conv2d(ch[0], 2 + config.n_classes, 1)
+
+        def forward(self, x):
+            skips = []
+            for i, d in enumerate(self.down):
+                x = d(x if i == 0 else self.pool(x))
+                skips.append(x)
+            x = skips.pop()
+            for i in reversed(range(config.depth)):
+                x = self.up[i](x)
+                x = self.dec[i](torch.cat([x, skips[i]], dim=1))
+            return self.head(x)
+
+    return UNet()
+
+
+def normalise_rgb(rgb: np.ndarray) -> np.ndarray:
+    """``(y, x, 3)`` uint8 -> ``(3, y, x)`` float32 in optical density (stain-aware, roughly scanner-independent)."""
+    od = -np.log((rgb.astype(np.float32) + 1.0) / 256.0)
+    return np.moveaxis(od, -1, 0).astype(np.float32)
+
+
+@dataclass
+class NucleusUNet:
+    """A trained segmentation U-Net and its post-processing (watershed on the predicted distance map)."""
+
+    config: UNetConfig
+    state_dict: dict = field(repr=False)
+    history: dict[str, list[float]] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        self._net = None
+
+    @property
+    def network(self):
+        """The torch module in eval mode (built lazily)."""
+        if self._net is None:
+            net = build_unet(self.config)
+            net.load_state_dict(self.state_dict)
+            net.eval()
+            self._net = net
+        return self._net
+
+    def predict_maps(self, rgb: np.ndarray) -> np.ndarray:
+        """Network outputs ``(2 + n_classes, y, x)`` for an RGB image at the working resolution."""
+        import torch
+
+        h, w = rgb.shape[:2]
+        m = 2**self.config.depth
+        ph, pw = (-h) % m, (-w) % m
+        x = np.pad(normalise_rgb(rgb), ((0, 0), (0, ph), (0, pw)), mode="reflect")
+        with torch.no_grad():
+            out = self.network(torch.from_numpy(x)[None])[0].numpy()
+        return out[:, :h, :w]
+
+    def segment(self, rgb: np.ndarray) -> tuple[np.ndarray, dict[int, int] | None]:
+        """Instance labels (and the class of each instance, when the model has classes) at the working resolution."""
+        from scipy import ndimage as ndi
+        from skimage.segmentation import watershed
+
+        out = self.predict_maps(rgb)
+        fg = 1 / (1 + np.exp(-out[0])) > 0.5
+        dist = 1 / (1 + np.exp(-out[1]))
+        min_px = max(self.config.min_area_um2 / self.config.microns_per_pixel**2, 4)
+        markers, _ = ndi.label((dist > 0.5) & fg)
+        sizes = np.bincount(markers.ravel())
+        small = sizes < max(min_px / 8, 2)
+        small[0] = False
+        markers[small[markers]] = 0
+        labels = watershed(-dist, markers, mask=fg)
+        rest, _ = ndi.label(fg & (labels == 0))  # foreground blobs without a seed keep their own label
+        labels[rest > 0] = rest[rest > 0] + labels.max()
+        classes = None
+        if self.config.n_classes:
+            cls = out[2:].argmax(axis=0) + 1
+            classes = {}
+            for i, sl in enumerate(ndi.find_objects(labels), start=1):
+                if sl is None:
+                    continue
+                values = cls[sl][labels[sl] == i]
+                classes[i] = int(np.bincount(values).argmax()) if values.size else 0
+        return labels.astype(np.int32), classes
+
+    def save(self, path: str | Path) -> None:
+        """Save to one file."""
+        import torch
+
+        torch.save(
+            {
+                "format": "scellst-unet",
+                "version": UNET_FORMAT,
+                "config": asdict(self.config),
+                "state_dict": self.state_dict,
+                "history": self.history,
+            },
+            Path(path),
+        )
+
+    @classmethod
+    def load(cls, path: str | Path) -> NucleusUNet:
+        """Load a model saved with :meth:`save`."""
+        import torch
+
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"Segmentation model {str(path)!r} does not exist.")
+        try:
+            payload = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:
+            raise ValueError(f"{str(path)!r} is not a readable scellst segmentation model ({err}).") from err
+        if not isinstance(payload, dict) or payload.get("format") != "scellst-unet":
+            raise ValueError(f"{str(path)!r} is not a scellst segmentation model (from `scellst.tl.train_segmenter`).")
+        return cls(config=UNetConfig(**payload["config"]), state_dict=payload["state_dict"], history=payload["history"])
