@@ -7,5 +7,6 @@ if not logger.handlers:
     _handler = logging.StreamHandler()
     _handler.setFormatter(logging.Formatter("%(levelname)s [scellst] %(message)s"))
     logger.addHandler(_handler)
-    logger.setLevel(logging.INFO)
+    if logger.level == logging.NOTSET:  # keep a level the user set before importing scellst
+        logger.setLevel(logging.INFO)
     logger.propagate = False

@@ -20,6 +20,8 @@ class UNetConfig:
     class_names: list[str] = field(default_factory=list)
     microns_per_pixel: float = 0.5  # working resolution of the network
     min_area_um2: float = 8.0
+    foreground_threshold: float = 0.5
+    seed_threshold: float = 0.5  # distance-map level that seeds one nucleus
 
 
 def build_unet(config: UNetConfig):
@@ -106,10 +108,10 @@ class NucleusUNet:
         from skimage.segmentation import watershed
 
         out = self.predict_maps(rgb)
-        fg = 1 / (1 + np.exp(-out[0])) > 0.5
+        fg = 1 / (1 + np.exp(-out[0])) > self.config.foreground_threshold
         dist = 1 / (1 + np.exp(-out[1]))
         min_px = max(self.config.min_area_um2 / self.config.microns_per_pixel**2, 4)
-        markers, _ = ndi.label((dist > 0.5) & fg)
+        markers, _ = ndi.label((dist > self.config.seed_threshold) & fg)
         sizes = np.bincount(markers.ravel())
         small = sizes < max(min_px / 8, 2)
         small[0] = False
@@ -117,6 +119,10 @@ class NucleusUNet:
         labels = watershed(-dist, markers, mask=fg)
         rest, _ = ndi.label(fg & (labels == 0))  # foreground blobs without a seed keep their own label
         labels[rest > 0] = rest[rest > 0] + labels.max()
+        areas = np.bincount(labels.ravel())
+        tiny = areas < min_px
+        tiny[0] = False
+        labels[tiny[labels]] = 0
         classes = None
         if self.config.n_classes:
             cls = out[2:].argmax(axis=0) + 1

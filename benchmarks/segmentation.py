@@ -1,0 +1,222 @@
+"""Nucleus segmentation: accuracy on MoNuSeg and CoNSeP, speed, memory on a large slide, HER2ST counts.
+
+Usage (from the repository root, with ../shared/data present):
+
+    python benchmarks/segmentation.py [--steps 1500] [--large 20000] [--skip-consep] [--skip-large]
+
+1. MoNuSeg (13 tiles, manual outlines): the default classical segmenter on every tile, and U-Nets from
+   ``train_segmenter`` in two folds (even / odd tiles), each scored only on the tiles it did not see.
+2. CoNSeP (224 patches, 4 classes): classical, and a class-aware U-Net trained on the patches of images 1-7 and
+   scored on images 8-14, with per-class detection F1.
+3. Speed (megapixels of the input per second) and peak memory of the classical segmenter on a dask-backed synthetic
+   slide of ``--large`` x ``--large`` px that is never loaded whole.
+4. Nuclei per spot on the HER2ST sections, and an overlay PNG (benchmarks/results/her2st_C2_overlay.png).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import time
+
+import numpy as np
+import pandas as pd
+from _common import CACHE, DATA, her2st_section, peak_memory_gib
+
+METRICS = ["precision", "recall", "f1", "dice", "aji", "pq"]
+
+
+def segment(image, mpp, method="classical"):
+    import scellst
+
+    sdata = scellst.io.from_image(image, microns_per_pixel=mpp)
+    scellst.pp.segment_nuclei(sdata, method=method, show_progress_bar=False)
+    labels = np.asarray(sdata.labels["nuclei_labels"].data).astype(np.int64)
+    classes = sdata.shapes["nuclei"]["class"].astype(str).to_dict() if "class" in sdata.shapes["nuclei"] else None
+    return labels, classes
+
+
+def score(images, masks, mpps, method, true_classes=None):
+    from scellst.tl import evaluate_segmentation
+
+    rows, t0, mp = [], time.perf_counter(), 0.0
+    for i, (img, mask, mpp) in enumerate(zip(images, masks, mpps, strict=True)):
+        labels, classes = segment(img, mpp, method)
+        mp += img.shape[0] * img.shape[1] / 1e6
+        rows.append(
+            evaluate_segmentation(
+                labels, mask, pred_classes=classes, true_classes=None if true_classes is None else true_classes[i]
+            )
+        )
+    return rows, mp / (time.perf_counter() - t0)
+
+
+def summary(rows) -> dict:
+    out = pd.DataFrame(rows)[METRICS].mean().round(3).to_dict()
+    if "per_class_f1" in rows[0]:
+        per = pd.DataFrame([r["per_class_f1"] for r in rows])
+        # pooled per-class F1 would need pooled counts; report the mean over patches that contain the class
+        out.update({f"F1[{k}]": round(v, 3) for k, v in per.mean().items()})
+    return out
+
+
+def monuseg(steps: int) -> None:
+    from skimage.io import imread
+
+    import scellst
+
+    root = DATA / "monuseg"
+    idx = json.loads((root / "index.json").read_text())
+    imgs = [imread(root / "images" / f"{e['name']}.png")[..., :3] for e in idx]
+    masks = [imread(root / "instance_masks" / f"{e['name']}.png").astype(np.int64) for e in idx]
+    mpps = [float(e["microns_per_pixel"] or 0.25) for e in idx]
+    rows, speed = score(imgs, masks, mpps, "classical")
+    print(f"MoNuSeg classical (13 tiles): {summary(rows)}; {speed:.2f} MP/s", flush=True)
+    folds = [list(range(0, 13, 2)), list(range(1, 13, 2))]
+    all_rows, speeds = [], []
+    for k, train in enumerate(folds):
+        test = [i for i in range(13) if i not in train]
+        t0 = time.perf_counter()
+        model = scellst.tl.train_segmenter(
+            [imgs[i] for i in train],
+            [masks[i] for i in train],
+            microns_per_pixel=[mpps[i] for i in train],
+            n_steps=steps,
+            seed=k,
+            show_progress_bar=False,
+        )
+        train_s = time.perf_counter() - t0
+        rows, speed = score([imgs[i] for i in test], [masks[i] for i in test], [mpps[i] for i in test], model)
+        all_rows += rows
+        speeds.append(speed)
+        print(
+            f"  U-Net fold {k}: trained on {len(train)} tiles in {train_s:.0f} s; {len(test)} held-out tiles: {summary(rows)}",
+            flush=True,
+        )
+    print(
+        f"MoNuSeg U-Net (every tile scored by the model that did not see it): {summary(all_rows)}; {np.mean(speeds):.2f} MP/s",
+        flush=True,
+    )
+
+
+def consep(steps: int) -> None:
+    from scipy.io import loadmat
+    from skimage.io import imread
+
+    import scellst
+
+    root = DATA / "consep"
+    names = sorted(p.name[: -len(".jpg")] for p in (root / "images").glob("*.jpg"))
+    class_names = ["other", "inflammatory", "epithelial", "spindle"]
+    imgs, masks, cls_maps, true_cls = [], [], [], []
+    for n in names:
+        imgs.append(imread(root / "images" / f"{n}.jpg")[..., :3])
+        with gzip.open(root / "inst" / f"{n}.npy.gz") as fh:
+            inst = np.load(fh).astype(np.int64)
+        masks.append(inst)
+        types = loadmat(root / "type_mat" / f"{n}.mat")["inst_type"].ravel().astype(int)
+        ids = np.unique(inst)[1:]
+        mapping = {int(i): class_names[types[i - 1] - 1] for i in ids if 0 < i <= len(types)}
+        true_cls.append(mapping)
+        cmap = np.zeros_like(inst)
+        for i, c in mapping.items():
+            cmap[inst == i] = class_names.index(c) + 1
+        cls_maps.append(cmap)
+    image_id = np.array([int(n.split("_")[1]) for n in names])
+    train = np.flatnonzero(image_id <= 7)
+    test = np.flatnonzero(image_id > 7)
+    rows, speed = score([imgs[i] for i in test], [masks[i] for i in test], [0.25] * len(test), "classical")
+    print(f"CoNSeP classical ({len(test)} patches of images 8-14): {summary(rows)}; {speed:.2f} MP/s", flush=True)
+    t0 = time.perf_counter()
+    model = scellst.tl.train_segmenter(
+        [imgs[i] for i in train],
+        [masks[i] for i in train],
+        classes=[cls_maps[i] for i in train],
+        class_names=class_names,
+        microns_per_pixel=0.25,
+        n_steps=steps,
+        show_progress_bar=False,
+    )
+    train_s = time.perf_counter() - t0
+    rows, speed = score(
+        [imgs[i] for i in test],
+        [masks[i] for i in test],
+        [0.25] * len(test),
+        model,
+        true_classes=[true_cls[i] for i in test],
+    )
+    print(
+        f"CoNSeP class-aware U-Net (trained on {len(train)} patches in {train_s:.0f} s): {summary(rows)}; {speed:.2f} MP/s",
+        flush=True,
+    )
+
+
+def large(size: int) -> None:
+    import dask.array as da
+
+    import scellst
+
+    tissue = scellst.datasets.synthetic_tissue(seed=3, size_um=(1000.0, 1000.0))
+    block = np.asarray(tissue.images["he"]["scale0"].image)  # 2000 x 2000 at 0.5 um/px
+    reps = int(np.ceil(size / block.shape[1]))
+    slide = da.block([[da.from_array(block, chunks=(3, 1024, 1024))] * reps] * reps)[:, :size, :size]
+    sdata = scellst.io.from_image(slide, microns_per_pixel=0.5)
+    before = peak_memory_gib()
+    t0 = time.perf_counter()
+    scellst.pp.segment_nuclei(sdata, show_progress_bar=False)
+    dt = time.perf_counter() - t0
+    n = len(sdata.shapes["nuclei"])
+    print(
+        f"Large slide {size:,} x {size:,} px (dask, {size * size / 1e6:.0f} MP): {n:,} nuclei in {dt:.0f} s = "
+        f"{size * size / 1e6 / dt:.2f} MP/s; peak memory {peak_memory_gib():.2f} GiB (before: {before:.2f} GiB; the "
+        f"slide would be {3 * size * size / 2**30:.1f} GiB in memory)",
+        flush=True,
+    )
+
+
+def her2st() -> None:
+    from skimage.io import imsave
+    from skimage.segmentation import find_boundaries
+
+    for s in ("C2", "C3", "C4", "C5"):
+        sdata = her2st_section(s, verbose=False)
+        n = sdata.tables["spots_counts"].obs["n_cells"]
+        print(
+            f"HER2ST {s}: {len(sdata.shapes['nuclei']):,} nuclei; per 100 um spot median {n.median():.0f} "
+            f"(10-90 %: {n.quantile(0.1):.0f}-{n.quantile(0.9):.0f})"
+        )
+        if s == "C2":
+            spots = sdata.shapes["spots"]
+            x, y = int(spots.geometry.x.iloc[50]), int(spots.geometry.y.iloc[50])
+            img = np.moveaxis(
+                np.asarray(sdata.images["he"]["scale0"].image[:, y - 250 : y + 250, x - 250 : x + 250]), 0, -1
+            )
+            lab = np.asarray(sdata.labels["nuclei_labels"].data[y - 250 : y + 250, x - 250 : x + 250])
+            over = img.copy()
+            over[find_boundaries(lab)] = [0, 255, 0]
+            CACHE.mkdir(parents=True, exist_ok=True)
+            imsave(CACHE / "her2st_C2_overlay.png", np.concatenate([img, over], axis=1))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--steps", type=int, default=1500)
+    parser.add_argument("--large", type=int, default=20000)
+    parser.add_argument("--skip-consep", action="store_true")
+    parser.add_argument("--skip-large", action="store_true")
+    args = parser.parse_args()
+    import logging
+
+    logging.getLogger("scellst").setLevel(logging.WARNING)
+    monuseg(args.steps)
+    if not args.skip_consep:
+        consep(args.steps)
+    if not args.skip_large:
+        large(args.large)
+    her2st()
+    print(f"peak memory (max RSS): {peak_memory_gib():.2f} GiB")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,107 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import scellst
+from scellst.tl._segmenter import resample_labels
+
+
+@pytest.fixture(scope="module")
+def small_model(tissue, tmp_path_factory):
+    """A U-Net trained for a few steps on the synthetic tissue's true nuclei (with classes)."""
+    from skimage.draw import ellipse
+
+    img = np.moveaxis(np.asarray(tissue.images["he"]["scale0"].image[:, :400, :400]), 0, -1)
+    cells = tissue.shapes["true_cells"]
+    types = tissue.tables["true_expression"].obs["cell_type"]
+    names = list(types.cat.categories)
+    mask = np.zeros((400, 400), dtype=np.int32)
+    cls = np.zeros((400, 400), dtype=np.int64)
+    for i, (pt, r) in enumerate(zip(cells.geometry, cells["radius"], strict=True), start=1):
+        if pt.x < 400 and pt.y < 400:
+            rr, cc = ellipse(pt.y, pt.x, r * 0.7, r * 0.7, shape=mask.shape)
+            mask[rr, cc] = i
+            cls[rr, cc] = names.index(types.iloc[i - 1]) + 1
+    path = tmp_path_factory.mktemp("seg") / "unet.pt"
+    model = scellst.tl.train_segmenter(
+        [img],
+        [mask],
+        classes=[cls],
+        class_names=names,
+        microns_per_pixel=0.5,
+        out=path,
+        n_steps=40,
+        batch_size=4,
+        crop_size=96,
+        show_progress_bar=False,
+    )
+    return path, model
+
+
+def test_train_segmenter_saves_a_usable_model(small_model, tissue):
+    from .conftest import fresh_copy
+
+    path, model = small_model
+    assert path.exists()
+    assert model.history["loss"][-1] < model.history["loss"][0]
+    assert model.config.n_classes == 5
+    sdata = fresh_copy(tissue)
+    scellst.pp.segment_nuclei(sdata, method=path, show_progress_bar=False)
+    nuclei = sdata.shapes["nuclei"]
+    assert len(nuclei) > 50
+    assert "class" in nuclei
+    assert set(nuclei["class"].astype(str)) <= {"unknown", *model.config.class_names}
+
+
+def test_segmenter_input_errors(tissue):
+    img = np.zeros((50, 50, 3), dtype=np.uint8)
+    with pytest.raises(ValueError, match="as many masks"):
+        scellst.tl.train_segmenter([img], [], microns_per_pixel=0.5)
+    with pytest.raises(ValueError, match="mask shape"):
+        scellst.tl.train_segmenter([img], [np.zeros((40, 40), int)], microns_per_pixel=0.5)
+    from .conftest import fresh_copy
+
+    sdata = fresh_copy(tissue)
+    with pytest.raises(FileNotFoundError):
+        scellst.pp.segment_nuclei(sdata, method="missing_model.pt")
+    with pytest.raises(ValueError, match="weights"):
+        scellst.pp.segment_nuclei(sdata, method="stardist")
+    with pytest.raises(ValueError, match="Unknown segmentation method"):
+        scellst.pp.segment_nuclei(sdata, method="magic")
+
+
+def test_bad_images_give_clear_errors():
+    gray = scellst.io.from_image(np.full((64, 64), 200, dtype=np.uint8), microns_per_pixel=0.5)
+    with pytest.raises(ValueError, match="channel"):
+        scellst.pp.segment_nuclei(gray)
+    blank = scellst.io.from_image(np.full((256, 256, 3), 250, dtype=np.uint8), microns_per_pixel=0.5)
+    with pytest.raises(ValueError, match="No tissue"):
+        scellst.pp.segment_nuclei(blank)
+    rgba = np.full((64, 64, 4), 255, dtype=np.uint8)
+    assert scellst.io.from_image(rgba, microns_per_pixel=0.5).images["he"].shape[0] == 3  # alpha dropped
+
+
+def test_pyramid_level_and_working_resolution(tissue):
+    """Segmenting at 1 um/px reads a coarser pyramid level; nuclei come back in level-0 pixels at the same places."""
+    from scipy.spatial import cKDTree
+
+    from scellst._utils import shapes_centroids
+
+    from .conftest import fresh_copy
+
+    sdata = fresh_copy(tissue)
+    scellst.pp.segment_nuclei(sdata, working_mpp=1.0, min_area_um2=6, labels_key_added="", show_progress_bar=False)
+    pred = shapes_centroids(sdata.shapes["nuclei"])
+    truth = shapes_centroids(tissue.shapes["true_cells"])
+    d, _ = cKDTree(truth).query(pred)
+    assert np.median(d) * 0.5 < 1.5  # within 1.5 um of a true nucleus centre
+    assert len(pred) > 0.5 * len(truth)
+
+
+def test_resample_labels_keeps_ids():
+    lab = np.zeros((10, 10), int)
+    lab[2:6, 2:6] = 3
+    up = resample_labels(lab, (20, 20))
+    assert set(np.unique(up)) == {0, 3}
+    assert (up == 3).sum() == 64
