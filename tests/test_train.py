@@ -114,3 +114,16 @@ def test_predict_rejects_other_embeddings(processed, model):
         scellst.tl.predict(sdata, model)
     with pytest.raises(FileNotFoundError):
         scellst.tl.load_model("no_such_model.pt")
+
+
+def test_load_model_rejects_other_files(tmp_path):
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a model")
+    with pytest.raises(ValueError, match="not a readable scellst model file"):
+        scellst.tl.load_model(junk)
+    import torch
+
+    other = tmp_path / "other.pt"
+    torch.save({"format_version": 99}, other)
+    with pytest.raises(ValueError, match="incompatible scellst version"):
+        scellst.tl.load_model(other)

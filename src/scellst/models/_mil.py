@@ -243,16 +243,10 @@ class ScellstModel:
     @classmethod
     def load(cls, path: str | Path) -> ScellstModel:
         """Load a model saved with :meth:`save`."""
-        import torch
+        from ._io import load_payload
 
-        path = Path(path)
-        if not path.exists():
-            raise FileNotFoundError(f"Model file {str(path)!r} does not exist.")
-        try:
-            payload = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:
-            raise ValueError(f"{str(path)!r} is not a readable scellst model file ({err}).") from err
-        if not isinstance(payload, dict) or payload.get("format_version") != FORMAT_VERSION:
+        payload = load_payload(path, what="scellst model file")
+        if payload.get("format_version") != FORMAT_VERSION:
             raise ValueError(
                 f"{str(path)!r} is not a scellst model file of format {FORMAT_VERSION} "
                 "(saved by an incompatible scellst version?)."

@@ -152,15 +152,9 @@ class NucleusUNet:
     @classmethod
     def load(cls, path: str | Path) -> NucleusUNet:
         """Load a model saved with :meth:`save`."""
-        import torch
+        from ._io import load_payload
 
-        path = Path(path)
-        if not path.exists():
-            raise FileNotFoundError(f"Segmentation model {str(path)!r} does not exist.")
-        try:
-            payload = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:
-            raise ValueError(f"{str(path)!r} is not a readable scellst segmentation model ({err}).") from err
-        if not isinstance(payload, dict) or payload.get("format") != "scellst-unet":
+        payload = load_payload(path, what="segmentation model")
+        if payload.get("format") != "scellst-unet":
             raise ValueError(f"{str(path)!r} is not a scellst segmentation model (from `scellst.tl.train_segmenter`).")
         return cls(config=UNetConfig(**payload["config"]), state_dict=payload["state_dict"], history=payload["history"])
