@@ -2,7 +2,8 @@
 
 Usage (from the repository root, with ../shared/data present):
 
-    python benchmarks/segmentation.py [--steps 1500] [--large 20000] [--skip-consep] [--skip-large]
+    python benchmarks/segmentation.py [--steps 1500] [--large 20000] [--skip-monuseg] [--skip-consep] [--skip-large]
+                                      [--skip-her2st]
 
 1. MoNuSeg (13 tiles, manual outlines): the default classical segmenter on every tile, and U-Nets from
    ``train_segmenter`` in two folds (even / odd tiles), each scored only on the tiles it did not see.
@@ -116,8 +117,10 @@ def consep(steps: int) -> None:
             inst = np.load(fh).astype(np.int64)
         masks.append(inst)
         types = loadmat(root / "type_mat" / f"{n}.mat")["inst_type"].ravel().astype(int)
-        ids = np.unique(inst)[1:]
-        mapping = {int(i): class_names[types[i - 1] - 1] for i in ids if 0 < i <= len(types)}
+        ids = np.unique(inst)[1:]  # inst_type lists the classes in the order of the sorted instance ids
+        if len(ids) != len(types):
+            raise ValueError(f"{n}: {len(ids)} instances but {len(types)} types")
+        mapping = {int(i): class_names[t - 1] for i, t in zip(ids, types, strict=True)}
         true_cls.append(mapping)
         cmap = np.zeros_like(inst)
         for i, c in mapping.items():
@@ -203,18 +206,22 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--large", type=int, default=20000)
+    parser.add_argument("--skip-monuseg", action="store_true")
     parser.add_argument("--skip-consep", action="store_true")
+    parser.add_argument("--skip-her2st", action="store_true")
     parser.add_argument("--skip-large", action="store_true")
     args = parser.parse_args()
     import logging
 
     logging.getLogger("scellst").setLevel(logging.WARNING)
-    monuseg(args.steps)
+    if not args.skip_monuseg:
+        monuseg(args.steps)
     if not args.skip_consep:
         consep(args.steps)
     if not args.skip_large:
         large(args.large)
-    her2st()
+    if not args.skip_her2st:
+        her2st()
     print(f"peak memory (max RSS): {peak_memory_gib():.2f} GiB")
 
 
