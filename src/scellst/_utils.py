@@ -275,24 +275,6 @@ def as_list(x: Any) -> list:
     return [x]
 
 
-def table_for_region(sdata: SpatialData, region: str, table_key: str | None, *, what: str) -> str:
-    """Key of the table annotating ``region``; ``None`` finds the only such table."""
-    if table_key is not None:
-        return get_key(sdata, "tables", table_key, what=what)
-    candidates = []
-    for name, table in sdata.tables.items():
-        attrs = table.uns.get("spatialdata_attrs", {})
-        regions = attrs.get("region", [])
-        regions = [regions] if isinstance(regions, str) else list(regions)
-        if region in regions:
-            candidates.append(name)
-    if len(candidates) == 1:
-        return candidates[0]
-    if not candidates:
-        raise KeyError(f"No table annotates {region!r}; pass the {what} key explicitly.")
-    raise KeyError(f"Several tables annotate {region!r} ({', '.join(map(repr, candidates))}); pass the {what} key.")
-
-
 def instance_ids(table: AnnData) -> np.ndarray:
     """The instance-key column of a SpatialData table, as strings."""
     key = table.uns["spatialdata_attrs"]["instance_key"]
