@@ -232,7 +232,6 @@ def embed_cells(
     tx = np.clip((cxy[:, 0] // tile_size).astype(int), 0, None)
     margin = int(np.ceil((ring_um + 15.0) / mpp))
     tasks = []
-    order = []
     for (gy, gx), idx in pd.Series(np.arange(len(ids))).groupby([ty, tx]):
         idx = idx.to_numpy()
         y0, x0 = gy * tile_size, gx * tile_size
@@ -242,7 +241,6 @@ def embed_cells(
             continue
         data = arr.data[:, py0:py1, px0:px1]
         tasks.append(dask.delayed(_morphology_tile)(data, [geoms[i] for i in idx], ids[idx], (py0, px0), mpp, ring_um))
-        order.append(idx)
     logger.info(f"Embedding {len(ids):,} nuclei of {shapes_key!r} ({method}) in {len(tasks)} tiles")
     parts = _compute_with_progress(tasks, show_progress_bar=show_progress_bar, desc="embed_cells")
     feats = pd.concat(parts) if parts else pd.DataFrame()
