@@ -12,7 +12,7 @@ import pandas as pd
 
 from .._constants import Attr, Col, Key
 from .._logging import logger
-from .._utils import check_writable, get_key, get_microns_per_pixel, record_attr, write_element
+from .._utils import check_writable, get_key, get_microns_per_pixel, image_level0, record_attr, write_element
 
 if TYPE_CHECKING:
     from spatialdata import SpatialData
@@ -201,11 +201,7 @@ def read_nuclei(
 
             source = np.load(source) if source.suffix == ".npy" else imread(source)
         arr = np.asarray(source)
-        _, h, w = (
-            sdata.images[image_key]["scale0"].image.shape
-            if hasattr(sdata.images[image_key], "children")
-            else sdata.images[image_key].shape
-        )
+        _, h, w = image_level0(sdata, image_key).shape
         if arr.shape != (h, w):
             raise ValueError(f"The label image is {arr.shape} but image {image_key!r} is {(h, w)} at level 0.")
         geoms, classes, ids = _from_labels(arr.astype(np.int64))
