@@ -17,7 +17,6 @@ Usage (from the repository root, with ../shared/data present):
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import time
 
@@ -102,31 +101,20 @@ def monuseg(steps: int) -> None:
 
 
 def consep(steps: int) -> None:
-    from scipy.io import loadmat
-    from skimage.io import imread
-
     import scellst
 
-    root = DATA / "consep"
-    names = sorted(p.name[: -len(".jpg")] for p in (root / "images").glob("*.jpg"))
-    class_names = ["other", "inflammatory", "epithelial", "spindle"]
-    imgs, masks, cls_maps, true_cls = [], [], [], []
-    for n in names:
-        imgs.append(imread(root / "images" / f"{n}.jpg")[..., :3])
-        with gzip.open(root / "inst" / f"{n}.npy.gz") as fh:
-            inst = np.load(fh).astype(np.int64)
-        masks.append(inst)
-        types = loadmat(root / "type_mat" / f"{n}.mat")["inst_type"].ravel().astype(int)
-        ids = np.unique(inst)[1:]  # inst_type lists the classes in the order of the sorted instance ids
-        if len(ids) != len(types):
-            raise ValueError(f"{n}: {len(ids)} instances but {len(types)} types")
-        mapping = {int(i): class_names[t - 1] for i, t in zip(ids, types, strict=True)}
-        true_cls.append(mapping)
-        cmap = np.zeros_like(inst)
-        for i, c in mapping.items():
-            cmap[inst == i] = class_names.index(c) + 1
+    patches = scellst.datasets.consep_patches(path=DATA / "consep")
+    class_names = list(scellst.datasets.CONSEP_CLASSES)
+    imgs = [p["image"] for p in patches]
+    masks = [p["instances"] for p in patches]
+    true_cls = [p["classes"] for p in patches]
+    cls_maps = []
+    for p in patches:
+        cmap = np.zeros_like(p["instances"])
+        for i, c in p["classes"].items():
+            cmap[p["instances"] == i] = class_names.index(c) + 1
         cls_maps.append(cmap)
-    image_id = np.array([int(n.split("_")[1]) for n in names])
+    image_id = np.array([p["source_image"] for p in patches])
     train = np.flatnonzero(image_id <= 7)
     test = np.flatnonzero(image_id > 7)
     rows, speed = score([imgs[i] for i in test], [masks[i] for i in test], [0.25] * len(test), "classical")

@@ -14,9 +14,10 @@ from ._constants import ST_SPOT_DIAMETER_UM, ST_SPOT_PITCH_UM, VISIUM_SPOT_DIAME
 from ._logging import logger
 
 if TYPE_CHECKING:
+    from anndata import AnnData
     from spatialdata import SpatialData
 
-__all__ = ["data_dir", "her2st", "synthetic_tissue"]
+__all__ = ["consep", "consep_patches", "data_dir", "her2st", "synthetic_tissue", "xenium_breast_cells"]
 
 # Optical densities of haematoxylin and eosin (Ruifrok & Johnston), used to render H&E from stain concentrations.
 _H_OD = np.array([0.65, 0.70, 0.29])
@@ -360,3 +361,116 @@ def her2st(section: str, *, path: str | Path | None = None) -> SpatialData:
         deconv = pd.read_csv(deconv_file, sep="\t", index_col=0).reindex(shared)
         table.obsm["deconv"] = deconv.fillna(0.0).set_axis(table.obs_names)
     return sdata
+
+
+CONSEP_CLASSES = ("other", "inflammatory", "epithelial", "spindle")
+
+
+def consep_patches(*, path: str | Path | None = None) -> list[dict]:
+    """The CoNSeP patches (Graham et al. 2019), one dict each.
+
+    Keys: ``name``, ``image`` (``(256, 256, 3)`` uint8 RGB), ``instances`` (int label map), ``classes`` (instance id -> class name) and ``source_image`` (the original image
+    number, for splitting by image).
+    """
+    import gzip
+
+    from scipy.io import loadmat
+    from skimage.io import imread
+
+    root = data_dir("consep", path=path)
+    names = sorted(p.name[: -len(".jpg")] for p in (root / "images").glob("*.jpg"))
+    if not names:
+        raise FileNotFoundError(f"No CoNSeP images under {str(root / 'images')!r}.")
+    out = []
+    for n in names:
+        with gzip.open(root / "inst" / f"{n}.npy.gz") as fh:
+            inst = np.load(fh).astype(np.int64)
+        types = loadmat(root / "type_mat" / f"{n}.mat")["inst_type"].ravel().astype(int)
+        ids = np.unique(inst)[1:]  # inst_type lists the classes in the order of the sorted instance ids
+        if len(ids) != len(types):
+            raise ValueError(f"CoNSeP patch {n}: {len(ids)} instances but {len(types)} class entries.")
+        out.append(
+            {
+                "name": n,
+                "image": imread(root / "images" / f"{n}.jpg")[..., :3],
+                "instances": inst,
+                "classes": {int(i): CONSEP_CLASSES[t - 1] for i, t in zip(ids, types, strict=True)},
+                "source_image": int(n.split("_")[1]),
+            }
+        )
+    return out
+
+
+def consep(*, path: str | Path | None = None, pad_px: int = 32) -> SpatialData:
+    """The 224 CoNSeP patches laid out on one mosaic image, with their annotated nuclei and classes.
+
+    Each patch is extended by ``pad_px`` of its own mirror image on every side, so that a crop around a nucleus near
+    the patch edge shows tissue (not glass, and never a neighbouring patch). The nuclei are stored as
+    ``shapes['nuclei']`` with columns ``class`` (other, inflammatory, epithelial, spindle), ``source_image`` (the
+    original CoNSeP image, 1-14: split by it, never by patch, since patches of one image overlap) and ``patch``.
+    Resolution 0.25 um per pixel (40x).
+    """
+    from .io import from_image, read_nuclei
+
+    patches = consep_patches(path=path)
+    n = len(patches)
+    cols = int(np.ceil(np.sqrt(n)))
+    rows = int(np.ceil(n / cols))
+    step = 256 + 2 * pad_px
+    mosaic = np.full((rows * step, cols * step, 3), 255, dtype=np.uint8)
+    labels = np.zeros(mosaic.shape[:2], dtype=np.int64)
+    meta = {}
+    next_id = 1
+    for k, p in enumerate(patches):
+        y0, x0 = pad_px + (k // cols) * step, pad_px + (k % cols) * step
+        padded = np.pad(p["image"], ((pad_px, pad_px), (pad_px, pad_px), (0, 0)), mode="reflect")
+        mosaic[y0 - pad_px : y0 + 256 + pad_px, x0 - pad_px : x0 + 256 + pad_px] = padded
+        inst = p["instances"]
+        new = np.zeros_like(inst)
+        for i, cls in p["classes"].items():
+            new[inst == i] = next_id
+            meta[next_id] = (cls, p["source_image"], p["name"])
+            next_id += 1
+        labels[y0 : y0 + 256, x0 : x0 + 256] = new
+    sdata = from_image(mosaic, microns_per_pixel=0.25)
+    read_nuclei(sdata, labels, format="labels")
+    nuclei = sdata.shapes["nuclei"]
+    src = nuclei["source_id"].astype(int).to_numpy()
+    nuclei["class"] = pd.Categorical([meta[i][0] for i in src], categories=list(CONSEP_CLASSES))
+    nuclei["source_image"] = np.array([meta[i][1] for i in src])
+    nuclei["patch"] = pd.Categorical([meta[i][2] for i in src])
+    return sdata
+
+
+XENIUM_BREAST_TYPES = (
+    "B",
+    "Myeloid",
+    "Endothelial",
+    "Fibroblast",
+    "Macrophage",
+    "Malignant",
+    "Epithelial",
+    "Plasma",
+    "T",
+)
+
+
+def xenium_breast_cells(*, path: str | Path | None = None) -> AnnData:
+    """5,508 annotated Xenium breast-cancer cells x 280 genes (raw counts), a single-cell reference with no H&E.
+
+    From the GHIST demo (Fu et al. 2024; 10x Xenium FFPE human breast cancer preview, Janesick et al. 2023).
+    ``obs['cell_type']``: B, Myeloid, Endothelial, Fibroblast, Macrophage, Malignant, Epithelial, Plasma, T.
+    """
+    import anndata as ad
+
+    root = data_dir("xenium_breast_cells", path=path)
+    expr = pd.read_csv(root / "expr_mat_breast_demo.csv.gz", index_col=0)
+    expr = expr.set_index("cell_id") if "cell_id" in expr.columns else expr
+    types = pd.read_csv(root / "cell_types_breast_demo.csv").set_index("c_ids")["ct_idx"]
+    common = expr.index.intersection(types.index)
+    if len(common) == 0:
+        raise ValueError(f"No cell of {root} has both expression and a cell type.")
+    expr = expr.loc[common]
+    names = np.asarray(XENIUM_BREAST_TYPES)[types.loc[common].to_numpy().astype(int)]
+    obs = pd.DataFrame({"cell_type": pd.Categorical(names)}, index=common.astype(str))
+    return ad.AnnData(X=expr.to_numpy(dtype=np.float32), obs=obs, var=pd.DataFrame(index=expr.columns.astype(str)))
