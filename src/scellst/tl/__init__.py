@@ -1,13 +1,21 @@
 """Tools: cell embeddings, training, prediction, evaluation and segmentation models."""
 
+from ._crops import CellCrops, StainNormalizer, cell_crops
 from ._embed import embed_cells
 from ._evaluate import cross_validate, evaluate
 from ._metrics import metrics_per_gene
 from ._segmentation_metrics import evaluate_segmentation
 from ._segmenter import train_segmenter
+from ._simulation import SimulatedSpots, benchmark_simulation, simulate_spots
+from ._ssl import train_ssl
 from ._train import load_model, predict, train
 
 __all__ = [
+    "CellCrops",
+    "SimulatedSpots",
+    "StainNormalizer",
+    "benchmark_simulation",
+    "cell_crops",
     "cross_validate",
     "embed_cells",
     "evaluate",
@@ -15,6 +23,8 @@ __all__ = [
     "load_model",
     "metrics_per_gene",
     "predict",
+    "simulate_spots",
     "train",
     "train_segmenter",
+    "train_ssl",
 ]
