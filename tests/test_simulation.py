@@ -115,3 +115,17 @@ def test_simulation_errors():
     bad.X[0, 0] = -1
     with pytest.raises(ValueError, match="raw counts"):
         scellst.tl.simulate_spots(cells, bad)
+
+
+def test_dirichlet_compositions_vary():
+    cells, ref = _toy()
+    sim = scellst.tl.simulate_spots(
+        cells, ref, groupby="klass", matching=MATCH, n_spots=300, cells_per_spot=20, composition_alpha=0.3, seed=0
+    )
+    groups = sim.cells.obs["group"].astype(str).to_numpy()
+    top = np.array([pd.Series(groups[b]).value_counts(normalize=True).iloc[0] for b in sim.bags])
+    # with a small concentration many spots are dominated by one group, unlike uniform random draws (~0.4)
+    assert np.median(top) > 0.6
+    assert (top < 0.6).any()
+    with pytest.raises(ValueError, match="composition_alpha"):
+        scellst.tl.simulate_spots(cells, ref, groupby="klass", matching=MATCH, n_spots=10, composition_alpha=-1)

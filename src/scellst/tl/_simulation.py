@@ -76,7 +76,7 @@ def _match_groups(
         order = list(rng.permutation(types))
         while len(order) < len(groups):
             order += list(rng.permutation(types))
-        return {g: [str(order[i])] for i, g in enumerate(groups)}
+        return {str(g): [str(order[i])] for i, g in enumerate(groups)}
     if isinstance(matching, str):
         raise ValueError(f"`matching` must be a dict, 'arbitrary' or None, got {matching!r}.")
     out = {}
@@ -103,6 +103,7 @@ def simulate_spots(
     n_spots: int = 5000,
     cells_per_spot: int = 20,
     spot_groups: str | None = None,
+    composition_alpha: float | None = 0.3,
     split_by: str | None = None,
     test_fraction: float = 0.3,
     seed: int = 0,
@@ -135,6 +136,10 @@ def simulate_spots(
     spot_groups
         Column of ``cells.obs`` (e.g. an image patch) within which each spot's cells are drawn, so that spots have
         realistic, varied compositions. ``None``: cells drawn from all cells.
+    composition_alpha
+        When set (and ``spot_groups`` is ``None``), each spot first draws its group proportions from a symmetric
+        Dirichlet with this concentration (small values: spots dominated by few groups), then its cells from those
+        groups. Varied compositions are what lets MIL tell the groups apart.
     split_by
         Column of ``cells.obs`` whose values are split between training and test cells (e.g. the source image), so
         no image contributes to both. ``None``: a random split of cells.
@@ -214,7 +219,10 @@ def simulate_spots(
     for part in ("train", "test"):
         idx = np.flatnonzero(split == part)
         n_part = max(1, int(round(n_spots * (np.mean(split == part)))))
-        bags_part = _draw_bags(idx, pools[idx], n_part, cells_per_spot, rng)
+        if composition_alpha is not None and spot_groups is None:
+            bags_part = _draw_bags_dirichlet(idx, group[idx], n_part, cells_per_spot, composition_alpha, rng)
+        else:
+            bags_part = _draw_bags(idx, pools[idx], n_part, cells_per_spot, rng)
         bags.extend(bags_part)
         spot_split.extend([part] * len(bags_part))
     spot_counts = np.stack([expr[b].sum(axis=0) for b in bags])
@@ -234,6 +242,28 @@ def simulate_spots(
     sim = SimulatedSpots(cell_ad, spots, bags, scenario=scenario, matching=match)
     logger.info(f"Simulated {sim!r}")
     return sim
+
+
+def _draw_bags_dirichlet(
+    idx: np.ndarray, groups: np.ndarray, n_bags: int, size: int, alpha: float, rng: np.random.Generator
+) -> list:
+    """Bags whose group proportions follow a symmetric Dirichlet; cells are used evenly within each group."""
+    if alpha <= 0:
+        raise ValueError(f"`composition_alpha` must be positive, got {alpha}.")
+    names = np.unique(groups)
+    by_group = {g: idx[groups == g] for g in names}
+    queues = {g: list(rng.permutation(v)) for g, v in by_group.items()}
+    bags = []
+    for _ in range(n_bags):
+        n_per = rng.multinomial(size, rng.dirichlet(np.full(len(names), alpha)))
+        bag: list[int] = []
+        for g, k in zip(names, n_per, strict=True):
+            for _ in range(min(k, len(by_group[g]))):
+                if not queues[g]:
+                    queues[g] = list(rng.permutation(by_group[g]))
+                bag.append(queues[g].pop())
+        bags.append(np.array(sorted(set(bag)), dtype=int))
+    return bags
 
 
 def _draw_bags(idx: np.ndarray, pools: np.ndarray, n_bags: int, size: int, rng: np.random.Generator) -> list:
@@ -273,6 +303,7 @@ def benchmark_simulation(
     n_hvg: int = 50,
     n_markers: int = 10,
     models: Sequence[str] = ("mil", "supervised", "mil_onehot", "oracle"),
+    loss: str = "mse",
     lr: float = 1e-3,
     batch_size: int = 32,
     max_epochs: int = 1000,
@@ -298,6 +329,9 @@ def benchmark_simulation(
         Sizes of the default gene sets.
     models
         Which models to run.
+    loss
+        Loss of the networks (see :func:`scellst.tl.train`): ``"mse"`` (the paper) or ``"nb"`` (counts; the cells'
+        rates add up to the spot, exactly as simulated spots are made).
     lr, batch_size, max_epochs, patience
         Optimisation of the networks (training stops on convergence; ``max_epochs`` is only a cap).
     seed
@@ -346,20 +380,13 @@ def benchmark_simulation(
             else:
                 bags = [b for b, tr in zip(sim.bags, spot_train, strict=True) if tr]
                 counts = _dense(spots.X)[spot_train]
+            # the supervised bound sees as many cells per step as MIL does
+            bs = batch_size * int(np.mean([len(b) for b in sim.bags])) if name == "supervised" else batch_size
             model = _fit(
-                feats,
-                bags,
-                counts,
-                cells.var_names,
-                all_genes,
-                lr,
-                batch_size,
-                max_epochs,
-                patience,
-                seed,
-                show_progress_bar,
-                name,
-            )
+                feats, bags, counts, cells.var_names, all_genes,
+                lr=lr, batch_size=bs, max_epochs=max_epochs, patience=patience, seed=seed,
+                progress=show_progress_bar, name=name, loss=loss,
+            )  # fmt: skip
             pred = model.predict_cells(np.asarray(feats, dtype=np.float32))
             best = model.params["best_epoch"]
         else:
@@ -391,7 +418,7 @@ def benchmark_simulation(
     return df
 
 
-def _fit(feats, bags, counts, var_names, genes, lr, batch_size, max_epochs, patience, seed, progress, name):
+def _fit(feats, bags, counts, var_names, genes, *, lr, batch_size, max_epochs, patience, seed, progress, name, loss):
     import anndata as ad
 
     from ._train import FitSettings, Slide, fit_slides
@@ -410,7 +437,7 @@ def _fit(feats, bags, counts, var_names, genes, lr, batch_size, max_epochs, pati
     settings = FitSettings(
         lr=lr, batch_size=batch_size, max_epochs=max_epochs, patience=patience, show_progress_bar=progress
     )
-    return fit_slides([slide], list(genes), seed=seed, settings=settings)
+    return fit_slides([slide], list(genes), loss=loss, seed=seed, settings=settings)
 
 
 def default_gene_sets(cells: AnnData, *, n_hvg: int = 50, n_markers: int = 10) -> dict[str, list[str]]:
@@ -424,25 +451,8 @@ def default_gene_sets(cells: AnnData, *, n_hvg: int = 50, n_markers: int = 10) -
     n_hvg = min(n_hvg, a.n_vars)
     hvg = sc.pp.highly_variable_genes(a, flavor="seurat_v3", n_top_genes=n_hvg, inplace=False)
     hvg_genes = list(hvg.sort_values("highly_variable_rank").index[:n_hvg])
-    markers = marker_gene_list(a, groupby="matched_type", n_genes=n_markers)
+    from ._celltypes import marker_genes
+
+    per_type = marker_genes(a, groupby="matched_type", n_genes=n_markers) if a.obs["matched_type"].nunique() > 1 else {}
+    markers = list(dict.fromkeys(g for genes in per_type.values() for g in genes))
     return {"hvg": hvg_genes, "markers": markers}
-
-
-def marker_gene_list(adata: AnnData, *, groupby: str, n_genes: int = 10) -> list[str]:
-    """Union of the top ``n_genes`` marker genes per group (t-test with over-estimated variance on log counts)."""
-    import scanpy as sc
-
-    a = adata.copy()
-    a.obs[groupby] = a.obs[groupby].astype("category")
-    if a.obs[groupby].cat.categories.size < 2:
-        return []
-    sc.pp.normalize_total(a, target_sum=TARGET_SUM)
-    sc.pp.log1p(a)
-    sc.tl.rank_genes_groups(a, groupby, method="t-test_overestim_var", n_genes=n_genes)
-    names = a.uns["rank_genes_groups"]["names"]
-    out: list[str] = []
-    for grp in names.dtype.names:
-        for g in names[grp][:n_genes]:
-            if g not in out:
-                out.append(str(g))
-    return out
