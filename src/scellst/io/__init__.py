@@ -3,5 +3,6 @@
 from .._utils import set_microns_per_pixel
 from ._nuclei import read_nuclei
 from ._readers import from_image, from_spots, visium
+from ._xenium import read_alignment, xenium
 
-__all__ = ["from_image", "from_spots", "read_nuclei", "set_microns_per_pixel", "visium"]
+__all__ = ["from_image", "from_spots", "read_alignment", "read_nuclei", "set_microns_per_pixel", "visium", "xenium"]

@@ -1,5 +1,6 @@
-"""Plotting, built on spatialdata-plot."""
+"""Plotting, built on spatialdata-plot and matplotlib."""
 
+from ._cells import correlations, gallery, xenium_comparison
 from ._expression import expression
 
-__all__ = ["expression"]
+__all__ = ["correlations", "expression", "gallery", "xenium_comparison"]

@@ -1,5 +1,6 @@
 """Tools: cell embeddings, training, prediction, evaluation and segmentation models."""
 
+from ._celltypes import compare_cell_types, marker_genes, score_cell_types
 from ._crops import CellCrops, StainNormalizer, cell_crops
 from ._embed import embed_cells
 from ._evaluate import cross_validate, evaluate
@@ -9,6 +10,7 @@ from ._segmenter import train_segmenter
 from ._simulation import SimulatedSpots, benchmark_simulation, simulate_spots
 from ._ssl import train_ssl
 from ._train import load_model, predict, train
+from ._xenium import compare_xenium, match_cells
 
 __all__ = [
     "CellCrops",
@@ -16,13 +18,18 @@ __all__ = [
     "StainNormalizer",
     "benchmark_simulation",
     "cell_crops",
+    "compare_cell_types",
+    "compare_xenium",
     "cross_validate",
     "embed_cells",
     "evaluate",
     "evaluate_segmentation",
     "load_model",
+    "marker_genes",
+    "match_cells",
     "metrics_per_gene",
     "predict",
+    "score_cell_types",
     "simulate_spots",
     "train",
     "train_segmenter",

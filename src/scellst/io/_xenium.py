@@ -1,0 +1,260 @@
+"""10x Xenium output (cells, nucleus boundaries, counts) with an H&E image registered to it, in one SpatialData."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+
+from .._constants import Col
+from .._logging import logger
+from .._utils import set_microns_per_pixel
+
+if TYPE_CHECKING:
+    from spatialdata import SpatialData
+
+XENIUM_CELLS = "xenium_cells"
+XENIUM_NUCLEI = "xenium_nuclei"
+XENIUM_TABLE = "xenium_table"
+_CONTROL_PREFIXES = ("NegControl", "BLANK", "Unassigned", "antisense", "DeprecatedCodeword", "Intergenic")
+
+
+def _first(folder: Path, stem: str) -> Path | None:
+    for suffix in (".parquet", ".csv.gz", ".csv"):
+        p = folder / f"{stem}{suffix}"
+        if p.exists():
+            return p
+    return None
+
+
+def _read_df(path: Path) -> pd.DataFrame:
+    df = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)
+    df = df.drop(columns=[c for c in df.columns if c.startswith("Unnamed") or c == ""], errors="ignore")
+    if "cell_id" in df and df["cell_id"].dtype == object:
+        df["cell_id"] = df["cell_id"].map(lambda v: v.decode() if isinstance(v, bytes) else v)
+    df["cell_id"] = df["cell_id"].astype(str)
+    return df
+
+
+def _polygons(df: pd.DataFrame) -> pd.Series:
+    from shapely.geometry import Polygon
+
+    out = {}
+    for cid, g in df.groupby("cell_id", sort=False):
+        xy = g[["vertex_x", "vertex_y"]].to_numpy(dtype=float)
+        if len(xy) >= 3:
+            poly = Polygon(xy)
+            out[cid] = poly if poly.is_valid else poly.buffer(0)
+    return pd.Series(out, dtype=object)
+
+
+def read_alignment(alignment: Any) -> np.ndarray:
+    """A 3x3 H&E-pixel -> Xenium-pixel matrix from an array or a 10x ``*_imagealignment.csv`` file."""
+    if isinstance(alignment, str | Path):
+        p = Path(alignment)
+        if not p.exists():
+            raise FileNotFoundError(f"Alignment file {str(p)!r} does not exist.")
+        m = np.loadtxt(p, delimiter=",")
+    else:
+        m = np.asarray(alignment, dtype=float)
+    if m.shape == (2, 3):
+        m = np.vstack([m, [0, 0, 1]])
+    if m.shape != (3, 3) or not np.isfinite(m).all() or abs(np.linalg.det(m[:2, :2])) < 1e-12:
+        raise ValueError(f"The alignment must be an invertible 3x3 (or 2x3) affine matrix, got shape {m.shape}.")
+    return m
+
+
+def xenium(
+    path: str | Path,
+    *,
+    he_image: Any = None,
+    alignment: Any = None,
+    pixel_size: float | None = None,
+    image_key: str = "he",
+    cells_key: str = XENIUM_CELLS,
+    nuclei_key: str = XENIUM_NUCLEI,
+    table_key: str = XENIUM_TABLE,
+) -> SpatialData:
+    """Read a Xenium output folder and, optionally, the H&E of the same section registered to it.
+
+    The cells (circles of the cell area at the centroids, or polygons), the nucleus boundaries and the cell x gene
+    counts (controls removed) come from the 10x files: ``cell_feature_matrix.h5`` (or ``transcripts``), ``cells``,
+    ``cell_boundaries`` and ``nucleus_boundaries`` (``.parquet``, ``.csv.gz`` or ``.csv``). Like spatialdata-io,
+    the shapes keep micron coordinates and map to the ``global`` coordinate system of Xenium morphology pixels
+    (``pixel_size`` um, from ``experiment.xenium``). The H&E is registered by the 10x alignment matrix (H&E pixels ->
+    Xenium pixels), so H&E nuclei and Xenium cells share ``global``, and its microns per pixel are derived.
+
+    Parameters
+    ----------
+    path
+        The Xenium output folder.
+    he_image
+        H&E image (path, array or DataArray) of the same section, or ``None``.
+    alignment
+        3x3 matrix or the 10x ``*_he_imagealignment.csv`` mapping H&E pixels to Xenium pixels; required with
+        ``he_image`` (use ``np.eye(3)`` when the H&E is already on the Xenium pixel grid).
+    pixel_size
+        Xenium pixel size in microns (default: from ``experiment.xenium``, else 0.2125).
+    image_key, cells_key, nuclei_key, table_key
+        Names of the elements written.
+
+    Returns
+    -------
+    A SpatialData with ``shapes[cells_key]``, ``shapes[nuclei_key]`` (when boundaries exist), ``tables[table_key]``
+    (cells x genes, raw counts, annotating ``cells_key``; ``obsm['spatial']`` centroids in microns) and
+    ``images[image_key]`` when an H&E is given.
+    """
+    import anndata as ad
+    import geopandas as gpd
+    from spatialdata import SpatialData
+    from spatialdata.models import ShapesModel, TableModel
+    from spatialdata.transformations import Affine, Scale
+
+    from ._readers import _parse_image
+
+    folder = Path(path)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"Xenium folder {str(folder)!r} does not exist.")
+    spec_file = folder / "experiment.xenium"
+    if pixel_size is None:
+        pixel_size = (
+            float(json.loads(spec_file.read_text()).get("pixel_size", 0.2125)) if spec_file.exists() else 0.2125
+        )
+    to_global = {"global": Scale([1.0 / pixel_size, 1.0 / pixel_size], axes=("x", "y"))}
+
+    # counts
+    h5 = folder / "cell_feature_matrix.h5"
+    tx_file = _first(folder, "transcripts")
+    if h5.exists():
+        counts = _read_10x_h5(h5)
+    elif tx_file is not None:
+        counts = _counts_from_transcripts(_read_df(tx_file))
+    else:
+        raise FileNotFoundError(
+            f"{str(folder)!r} has neither cell_feature_matrix.h5 nor a transcripts file; is it a Xenium output folder?"
+        )
+    keep = ~counts.var_names.str.startswith(_CONTROL_PREFIXES)
+    counts = counts[:, keep].copy()
+    counts.var_names_make_unique()
+
+    # positions
+    cells_file = _first(folder, "cells")
+    nuc_file = _first(folder, "nucleus_boundaries")
+    cell_b_file = _first(folder, "cell_boundaries")
+    nuclei = _polygons(_read_df(nuc_file)) if nuc_file is not None else pd.Series(dtype=object)
+    cell_polys = _polygons(_read_df(cell_b_file)) if cell_b_file is not None else pd.Series(dtype=object)
+    if cells_file is not None:
+        meta = _read_df(cells_file).set_index("cell_id")
+        centroids = meta[["x_centroid", "y_centroid"]]
+        area = meta["cell_area"] if "cell_area" in meta else None
+    else:
+        source = cell_polys if len(cell_polys) else nuclei
+        if not len(source):
+            raise FileNotFoundError(f"{str(folder)!r} has no cells file and no boundaries: cell positions unknown.")
+        centroids = pd.DataFrame(
+            {"x_centroid": [g.centroid.x for g in source], "y_centroid": [g.centroid.y for g in source]},
+            index=source.index,
+        )
+        area = pd.Series([g.area for g in source], index=source.index)
+    ids = counts.obs_names.intersection(centroids.index)
+    if len(ids) == 0:
+        raise ValueError("No cell id is shared by the count matrix and the cell positions.")
+    if len(ids) < counts.n_obs:
+        logger.warning(f"{counts.n_obs - len(ids):,} cells have counts but no position; they are left out.")
+    counts = counts[ids].copy()
+    xy = centroids.loc[ids].to_numpy(dtype=float)
+    radius = np.sqrt(area.loc[ids].to_numpy(dtype=float) / np.pi) if area is not None else np.full(len(ids), 5.0)
+
+    from shapely.geometry import Point
+
+    cells_gdf = gpd.GeoDataFrame(
+        {Col.RADIUS: radius}, geometry=[Point(x, y) for x, y in xy], index=pd.Index(ids.astype(str), name="cell_id")
+    )
+    shapes = {cells_key: ShapesModel.parse(cells_gdf, transformations=to_global)}
+    if len(nuclei):
+        ngdf = gpd.GeoDataFrame(geometry=list(nuclei.to_numpy()), index=pd.Index(nuclei.index, name="cell_id"))
+        shapes[nuclei_key] = ShapesModel.parse(ngdf, transformations=to_global)
+    counts.obs = pd.DataFrame(
+        {"cell_id": pd.Categorical(ids.astype(str)), Col.REGION: pd.Categorical([cells_key] * len(ids))},
+        index=ids.astype(str),
+    )
+    counts.obsm["spatial"] = xy
+    counts.uns["scellst"] = {"source": str(folder), "pixel_size_um": pixel_size, "units": "microns"}
+    table = TableModel.parse(
+        ad.AnnData(
+            X=counts.X,
+            obs=counts.obs,
+            var=pd.DataFrame(index=counts.var_names),
+            obsm=dict(counts.obsm),
+            uns=dict(counts.uns),
+        ),
+        region=cells_key,
+        region_key=Col.REGION,
+        instance_key="cell_id",
+    )
+    images = {}
+    he_mpp = None
+    if he_image is not None:
+        if alignment is None:
+            raise ValueError(
+                "An H&E image needs `alignment`: the 10x `*_he_imagealignment.csv` (H&E pixels -> Xenium pixels) or a "
+                "3x3 matrix; pass `np.eye(3)` if the H&E is already on the Xenium pixel grid."
+            )
+        m = read_alignment(alignment)
+        he_mpp = pixel_size * float(np.sqrt(abs(np.linalg.det(m[:2, :2]))))
+        img = _parse_image(he_image, microns_per_pixel=he_mpp, chunks=1024)
+        from spatialdata.transformations import set_transformation
+
+        set_transformation(img, Affine(m, input_axes=("x", "y"), output_axes=("x", "y")), to_coordinate_system="global")
+        images[image_key] = img
+    sdata = SpatialData(images=images, shapes=shapes, tables={table_key: table})
+    if he_mpp is not None:
+        set_microns_per_pixel(sdata, image_key, microns_per_pixel=he_mpp)
+    logger.info(
+        f"Read Xenium {folder.name}: {table.n_obs:,} cells x {table.n_vars} genes, {len(nuclei):,} nucleus outlines"
+        + (f", H&E at {he_mpp:.3f} um/px" if he_mpp else "")
+    )
+    return sdata
+
+
+def _counts_from_transcripts(tx: pd.DataFrame):
+    """Cell x gene counts from a transcripts table (assigned, quality-passing molecules)."""
+    import anndata as ad
+    import scipy.sparse as sp
+
+    tx = tx[~tx["cell_id"].isin(["UNASSIGNED", "-1", "0"])]
+    if "qv" in tx:
+        tx = tx[tx["qv"] >= 20]
+    cells = pd.Index(sorted(tx["cell_id"].unique()))
+    genes = pd.Index(sorted(tx["feature_name"].astype(str).unique()))
+    rows = cells.get_indexer(tx["cell_id"])
+    cols = genes.get_indexer(tx["feature_name"].astype(str))
+    x = sp.csr_matrix((np.ones(len(tx), dtype=np.float32), (rows, cols)), shape=(len(cells), len(genes)))
+    x.sum_duplicates()
+    return ad.AnnData(X=x, obs=pd.DataFrame(index=cells.astype(str)), var=pd.DataFrame(index=genes))
+
+
+def _read_10x_h5(path: Path):
+    """A 10x HDF5 feature-barcode matrix (gene expression features only) as cells x genes."""
+    import anndata as ad
+    import h5py
+    import scipy.sparse as sp
+
+    def text(values) -> np.ndarray:
+        return np.array([v.decode() if isinstance(v, bytes) else str(v) for v in values])
+
+    with h5py.File(path, "r") as f:
+        if "matrix" not in f:
+            raise ValueError(f"{str(path)!r} is not a 10x feature-barcode matrix (no 'matrix' group).")
+        m = f["matrix"]
+        shape = tuple(int(v) for v in m["shape"][()])  # some writers store the shape as floats
+        x = sp.csc_matrix((m["data"][()], m["indices"][()], m["indptr"][()]), shape=shape).T.tocsr()
+        names = text(m["features"]["name"][()])
+        types = text(m["features"]["feature_type"][()]) if "feature_type" in m["features"] else None
+        barcodes = text(m["barcodes"][()])
+    keep = np.ones(len(names), dtype=bool) if types is None else (types == "Gene Expression")
+    var = pd.DataFrame(index=pd.Index(names[keep]))
+    return ad.AnnData(X=x[:, keep].astype(np.float32), obs=pd.DataFrame(index=pd.Index(barcodes)), var=var)

@@ -1,0 +1,160 @@
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import scellst
+from scellst._utils import get_microns_per_pixel, image_level0, shapes_centroids
+
+from .conftest import fresh_copy
+
+PIXEL = 0.2125
+OFFSET_UM = np.array([120.0, 40.0])
+
+
+def _write_10x_h5(path, counts: np.ndarray, barcodes, genes) -> None:
+    import h5py
+    import scipy.sparse as sp
+
+    m = sp.csc_matrix(counts.T.astype(np.int32))  # genes x cells, as 10x writes it
+    with h5py.File(path, "w") as f:
+        g = f.create_group("matrix")
+        g["data"], g["indices"], g["indptr"] = m.data, m.indices, m.indptr
+        g["shape"] = np.array(m.shape, dtype=float)  # some writers store floats; the reader must cope
+        g["barcodes"] = np.array([str(b).encode() for b in barcodes])
+        feats = g.create_group("features")
+        feats["name"] = np.array([x.encode() for x in genes])
+        feats["id"] = feats["name"][()]
+        feats["feature_type"] = np.array([b"Gene Expression"] * len(genes))
+
+
+@pytest.fixture(scope="module")
+def xenium_case(tissue, model, tmp_path_factory):
+    """A Xenium folder made from the synthetic tissue's true cells, in a shifted micron frame, plus its H&E."""
+    folder = tmp_path_factory.mktemp("xenium")
+    truth = tissue.tables["true_expression"]
+    cells = tissue.shapes["true_cells"]
+    xy_um = shapes_centroids(cells) * 0.5 + OFFSET_UM  # true cells are in 0.5 um pixels
+    ids = truth.obs["cell_id"].astype(str).to_numpy()
+    pos = pd.DataFrame(xy_um, index=cells.index.astype(str)).reindex(ids).to_numpy()
+    pd.DataFrame({"cell_id": ids, "x_centroid": pos[:, 0], "y_centroid": pos[:, 1], "cell_area": 40.0}).to_csv(
+        folder / "cells.csv.gz", index=False
+    )
+    counts = np.round(np.asarray(truth.layers["counts"])).astype(int)
+    genes = list(truth.var_names)
+    _write_10x_h5(folder / "cell_feature_matrix.h5", counts, ids, [*genes])
+    (folder / "experiment.xenium").write_text(json.dumps({"pixel_size": PIXEL}))
+    k = 0.5 / PIXEL
+    alignment = np.array([[k, 0, OFFSET_UM[0] / PIXEL], [0, k, OFFSET_UM[1] / PIXEL], [0, 0, 1]])
+    np.savetxt(folder / "he_imagealignment.csv", alignment, delimiter=",")
+    he = np.asarray(image_level0(tissue, "he").data.compute())
+    sdata = scellst.io.xenium(folder, he_image=he, alignment=folder / "he_imagealignment.csv")
+    scellst.pp.segment_nuclei(sdata, show_progress_bar=False)
+    scellst.tl.embed_cells(sdata, show_progress_bar=False)
+    scellst.tl.predict(sdata, model, spots_key=None)
+    return sdata
+
+
+def test_xenium_reader_registers_he(xenium_case):
+    sdata = xenium_case
+    assert get_microns_per_pixel(sdata, "he") == pytest.approx(0.5)
+    table = sdata.tables["xenium_table"]
+    assert table.n_vars == 27
+    assert table.uns["spatialdata_attrs"]["region"] == "xenium_cells"
+    np.testing.assert_allclose(table.obsm["spatial"].min(axis=0), OFFSET_UM, atol=15)
+
+
+def test_compare_xenium_known_answer(xenium_case, processed, model):
+    sdata = fresh_copy(xenium_case)
+    df = scellst.tl.compare_xenium(sdata, max_distance_um=4.0)
+    # every segmented nucleus has its true cell within a few microns, at the same place after registration
+    assert df.attrs["matched_fraction_predicted"] > 0.9
+    assert df.attrs["median_distance_um"] < 1.5
+    # the per-gene agreement is the model's cell-level accuracy: well above zero
+    assert df["pearson"].mean() > 0.5
+    table = sdata.tables["xenium_comparison"]
+    assert table.n_vars == len(df)
+    assert table.uns["spatialdata_attrs"]["region"] == "nuclei"
+    with pytest.raises(ValueError, match="already exists"):
+        scellst.tl.compare_xenium(sdata, max_distance_um=4.0)
+    # nuclei that do not overlap the Xenium cells (wrong registration, other section): a clear error
+    from spatialdata.transformations import Translation, set_transformation
+
+    shifted = fresh_copy(xenium_case)
+    set_transformation(
+        shifted.shapes["nuclei"], Translation([1e6, 1e6], axes=("x", "y")), to_coordinate_system="global"
+    )
+    with pytest.raises(ValueError, match="registered"):
+        scellst.tl.compare_xenium(shifted, max_distance_um=4.0, key_added="x")
+
+
+def test_match_cells_is_one_to_one():
+    a = np.array([[0.0, 0.0], [1.0, 0.0], [10.0, 10.0]])
+    b = np.array([[0.2, 0.0], [0.9, 0.0], [50.0, 50.0]])
+    ia, ib, d = scellst.tl.match_cells(a, b, 2.0)
+    assert sorted(zip(ia.tolist(), ib.tolist(), strict=True)) == [(0, 0), (1, 1)]
+    np.testing.assert_allclose(np.sort(d), [0.1, 0.2])
+
+
+def _types_of_nuclei(processed):
+    from scipy.spatial import cKDTree
+
+    truth = processed.tables["true_expression"]
+    cells = processed.shapes["true_cells"]
+    d, idx = cKDTree(shapes_centroids(cells)).query(shapes_centroids(processed.shapes["nuclei"]))
+    cell_type = pd.Series(truth.obs["cell_type"].to_numpy(), index=truth.obs["cell_id"].astype(str))
+    return cell_type.reindex(cells.index.astype(str)).to_numpy()[idx], d
+
+
+def test_marker_genes_and_cell_type_scores(processed, model):
+    sdata = fresh_copy(processed)
+    scellst.tl.predict(sdata, model)
+    truth = sdata.tables["true_expression"].copy()
+    truth.X = truth.layers["counts"]
+    markers = scellst.tl.marker_genes(truth, groupby="cell_type", n_genes=5)
+    assert set(markers) == set(truth.obs["cell_type"].astype(str))
+    assert all(len(v) >= 3 for v in markers.values())
+    scellst.tl.score_cell_types(sdata, markers)
+    pred = sdata.tables["nuclei_expression"]
+    assert {f"score_{t}" for t in markers} <= set(pred.obs.columns)
+    assert isinstance(pred.obs["predicted_type"].dtype, pd.CategoricalDtype)
+    true_type, d = _types_of_nuclei(sdata)
+    ok = d < 4
+    acc = (pred.obs["predicted_type"].astype(str).to_numpy()[ok] == true_type[ok]).mean()
+    chance = pd.Series(true_type[ok]).value_counts(normalize=True).max()
+    assert acc > chance + 0.2, (acc, chance)
+    # by-type comparison with the reference: type-specific profiles are recovered
+    df = scellst.tl.compare_cell_types(pred, truth)
+    assert (df["pearson_centred"] > 0.5).mean() >= 0.6
+    with pytest.raises(KeyError, match="no column"):
+        scellst.tl.compare_cell_types(pred, truth, reference_groupby="type")
+    with pytest.raises(ValueError, match="enough predicted marker"):
+        scellst.tl.score_cell_types(sdata, {"x": ["NOPE1", "NOPE2", "NOPE3"]})
+
+
+def _non_blank(path) -> None:
+    import matplotlib.image as mpimg
+
+    img = mpimg.imread(path)
+    assert img.shape[0] > 100
+    assert img[..., :3].std() > 0.05
+
+
+def test_plots(xenium_case, processed, model, tmp_path):
+    sdata = fresh_copy(xenium_case)
+    scellst.tl.compare_xenium(sdata, max_distance_um=4.0)
+    gene = str(sdata.tables["xenium_comparison"].var_names[0])
+    scellst.pl.xenium_comparison(sdata, [gene], save=tmp_path / "xen.png")
+    _non_blank(tmp_path / "xen.png")
+    scellst.pl.gallery(sdata, [gene], n=6, save=tmp_path / "gallery.png")
+    _non_blank(tmp_path / "gallery.png")
+    other = fresh_copy(processed)
+    scellst.tl.predict(other, model)
+    ev = scellst.tl.evaluate(other)
+    scellst.pl.correlations({"model": ev, "xenium": sdata.tables["xenium_comparison"].var}, save=tmp_path / "c.png")
+    _non_blank(tmp_path / "c.png")
+    with pytest.raises(KeyError, match="neither an obs column nor a gene"):
+        scellst.pl.gallery(sdata, "nope")
