@@ -3,7 +3,7 @@
 Usage (from the repository root, with ../shared/data present):
 
     python benchmarks/embeddings.py [--skip-consep] [--skip-her2st] [--skip-throughput]
-        [--consep-epochs 15] [--her2st-epochs 6] [--her2st-max-cells 40000]
+        [--consep-epochs 15] [--her2st-epochs 6] [--her2st-max-cells 30000] [--seeds 0 1 2] [--reuse]
 
 1. CoNSeP (224 patches, 4 classes): every embedding (morphology, random-init ResNet, MoCo v3 SSL trained on the
    CoNSeP cells without labels, ImageNet EfficientNet-Lite0) -> logistic-regression probe of the nucleus class,
@@ -64,8 +64,8 @@ def consep(epochs: int) -> None:
     print(f"CoNSeP: {len(nuclei):,} nuclei, classes {dict(nuclei['class'].value_counts())}", flush=True)
     enc_path = CACHE / "ssl_consep.pt"
     t = time.perf_counter()
-    if enc_path.exists():
-        enc_path.unlink()
+    for p in (enc_path, Path(str(enc_path) + ".ckpt")):
+        p.unlink(missing_ok=True)
     scellst.tl.train_ssl(sdata, path=enc_path, epochs=epochs, seed=0, show_progress_bar=False)
     Path(str(enc_path) + ".ckpt").unlink()
     print(f"SSL on CoNSeP cells: {epochs} epochs in {time.perf_counter() - t:.0f} s", flush=True)
@@ -114,34 +114,43 @@ def gallery(sdata, key: str, out: Path, n_queries: int = 8, k: int = 7) -> None:
     print(f"gallery: {out}; {k}-NN class agreement over 2,000 cells: {same:.3f}", flush=True)
 
 
-def her2st(epochs: int, max_cells: int, n_genes: int) -> None:
+def her2st(epochs: int, max_cells: int, n_genes: int, seeds: list[int], reuse: bool, methods: list[str]) -> None:
     import scellst
 
     sections = ["C2", "C3", "C4", "C5"]
     slides = {s: her2st_section(s) for s in sections}
     enc_path = CACHE / "ssl_her2st.pt"
-    t = time.perf_counter()
-    if enc_path.exists():
-        enc_path.unlink()
-    scellst.tl.train_ssl(
-        list(slides.values()), path=enc_path, epochs=epochs, max_cells=max_cells, seed=0, show_progress_bar=False
-    )
-    Path(str(enc_path) + ".ckpt").unlink()
-    print(f"SSL on HER2ST C2-C5 cells ({max_cells:,} sampled): {epochs} epochs in {time.perf_counter() - t:.0f} s")
-    print(f"{'embedding':>20} {'Pearson':>8} {'Spearman':>9} {'embed s (4 sections)':>21}", flush=True)
-    for method in METHODS:
+    if not (reuse and enc_path.exists()):
+        t = time.perf_counter()
+        for p in (enc_path, Path(str(enc_path) + ".ckpt")):  # a fresh run, even after an interrupted one
+            p.unlink(missing_ok=True)
+        scellst.tl.train_ssl(
+            list(slides.values()), path=enc_path, epochs=epochs, max_cells=max_cells, seed=0, show_progress_bar=False
+        )
+        Path(str(enc_path) + ".ckpt").unlink()
+        print(f"SSL on HER2ST C2-C5 cells ({max_cells:,} sampled): {epochs} epochs in {time.perf_counter() - t:.0f} s")
+    print(f"{'embedding':>20} {'seed':>5} {'Pearson':>8} {'Spearman':>9} {'embed s (4 sections)':>21}", flush=True)
+    for method in methods:
         key = "nuclei_embeddings" if method == "morphology" else f"nuclei_{method}"
         dt = 0.0
-        if method != "morphology":
+        if method != "morphology" and not (reuse and all(key in s.tables for s in slides.values())):
             for s in slides.values():
                 dt += embed(s, method, encoder=enc_path if method == "ssl" else None, key=key)
-        model = scellst.tl.train(
-            [slides[s] for s in sections[:3]], table_key=key, n_top_genes=n_genes, seed=0, show_progress_bar=False
-        )
-        test = slides["C5"]
-        scellst.tl.predict(test, model, table_key=key, overwrite=True)
-        corr = scellst.tl.evaluate(test)
-        print(f"{method:>20} {corr['pearson'].mean():>8.3f} {corr['spearman'].mean():>9.3f} {dt:>21.1f}", flush=True)
+        for seed in seeds:
+            model = scellst.tl.train(
+                [slides[s] for s in sections[:3]],
+                table_key=key,
+                n_top_genes=n_genes,
+                seed=seed,
+                show_progress_bar=False,
+            )
+            test = slides["C5"]
+            scellst.tl.predict(test, model, table_key=key, overwrite=True)
+            corr = scellst.tl.evaluate(test)
+            print(
+                f"{method:>20} {seed:>5} {corr['pearson'].mean():>8.3f} {corr['spearman'].mean():>9.3f} {dt:>21.1f}",
+                flush=True,
+            )
 
 
 def throughput() -> None:
@@ -181,14 +190,17 @@ def main() -> None:
     parser.add_argument("--skip-throughput", action="store_true")
     parser.add_argument("--consep-epochs", type=int, default=15)
     parser.add_argument("--her2st-epochs", type=int, default=6)
-    parser.add_argument("--her2st-max-cells", type=int, default=40000)
+    parser.add_argument("--her2st-max-cells", type=int, default=30000)
     parser.add_argument("--n-genes", type=int, default=50)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="MIL training seeds on HER2ST")
+    parser.add_argument("--reuse", action="store_true", help="reuse the HER2ST encoder and embedding tables")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     args = parser.parse_args()
     CACHE.mkdir(parents=True, exist_ok=True)
     if not args.skip_consep:
         consep(args.consep_epochs)
     if not args.skip_her2st:
-        her2st(args.her2st_epochs, args.her2st_max_cells, args.n_genes)
+        her2st(args.her2st_epochs, args.her2st_max_cells, args.n_genes, args.seeds, args.reuse, args.methods)
     if not args.skip_throughput:
         throughput()
     print(f"peak memory (max RSS): {peak_memory_gib():.2f} GiB")

@@ -158,3 +158,29 @@ def test_plots(xenium_case, processed, model, tmp_path):
     _non_blank(tmp_path / "c.png")
     with pytest.raises(KeyError, match="neither an obs column nor a gene"):
         scellst.pl.gallery(sdata, "nope")
+
+
+def test_xenium_reader_on_real_fragments(data_dir):
+    root = data_dir / "xenium_format_fixtures"
+    # transcripts + boundaries only (no count matrix, no cells file): counts built from assigned molecules
+    s1 = scellst.io.xenium(root / "MoleculeExperiment_xenium_V1_FF_Mouse_Brain" / "sample1")
+    table = s1.tables["xenium_table"]
+    assert table.n_obs == len(s1.shapes["xenium_cells"]) > 0
+    assert not table.var_names.str.startswith(("NegControl", "BLANK")).any()
+    xy = table.obsm["spatial"]  # microns, inside the 20 x 20 um fragment (x 4900-4920, y 6400-6420)
+    assert (xy[:, 0] > 4890).all()
+    assert (xy[:, 0] < 4930).all()
+    assert (xy[:, 1] > 6390).all()
+    assert (xy[:, 1] < 6430).all()
+    nuclei = s1.shapes["xenium_nuclei"]
+    assert nuclei.geometry.is_valid.all()
+    assert 5 < nuclei.geometry.area.median() < 200  # um2
+    # 10x HDF5 matrix (shape stored as floats) + cells.csv.gz
+    s2 = scellst.io.xenium(root / "SpatialExperimentIO_Xenium_small")
+    t2 = s2.tables["xenium_table"]
+    assert t2.shape == (6, 4)
+    np.testing.assert_allclose(t2.obsm["spatial"][0], [1898.81491699, 2540.96314697])
+    with pytest.raises(ValueError, match="alignment"):
+        scellst.io.xenium(root / "SpatialExperimentIO_Xenium_small", he_image=np.zeros((3, 64, 64), np.uint8))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        scellst.io.xenium(root / "missing")
