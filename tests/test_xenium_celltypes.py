@@ -1,7 +1,5 @@
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pandas as pd
 import pytest
@@ -15,41 +13,11 @@ PIXEL = 0.2125
 OFFSET_UM = np.array([120.0, 40.0])
 
 
-def _write_10x_h5(path, counts: np.ndarray, barcodes, genes) -> None:
-    import h5py
-    import scipy.sparse as sp
-
-    m = sp.csc_matrix(counts.T.astype(np.int32))  # genes x cells, as 10x writes it
-    with h5py.File(path, "w") as f:
-        g = f.create_group("matrix")
-        g["data"], g["indices"], g["indptr"] = m.data, m.indices, m.indptr
-        g["shape"] = np.array(m.shape, dtype=float)  # some writers store floats; the reader must cope
-        g["barcodes"] = np.array([str(b).encode() for b in barcodes])
-        feats = g.create_group("features")
-        feats["name"] = np.array([x.encode() for x in genes])
-        feats["id"] = feats["name"][()]
-        feats["feature_type"] = np.array([b"Gene Expression"] * len(genes))
-
-
 @pytest.fixture(scope="module")
 def xenium_case(tissue, model, tmp_path_factory):
     """A Xenium folder made from the synthetic tissue's true cells, in a shifted micron frame, plus its H&E."""
     folder = tmp_path_factory.mktemp("xenium")
-    truth = tissue.tables["true_expression"]
-    cells = tissue.shapes["true_cells"]
-    xy_um = shapes_centroids(cells) * 0.5 + OFFSET_UM  # true cells are in 0.5 um pixels
-    ids = truth.obs["cell_id"].astype(str).to_numpy()
-    pos = pd.DataFrame(xy_um, index=cells.index.astype(str)).reindex(ids).to_numpy()
-    pd.DataFrame({"cell_id": ids, "x_centroid": pos[:, 0], "y_centroid": pos[:, 1], "cell_area": 40.0}).to_csv(
-        folder / "cells.csv.gz", index=False
-    )
-    counts = np.round(np.asarray(truth.layers["counts"])).astype(int)
-    genes = list(truth.var_names)
-    _write_10x_h5(folder / "cell_feature_matrix.h5", counts, ids, [*genes])
-    (folder / "experiment.xenium").write_text(json.dumps({"pixel_size": PIXEL}))
-    k = 0.5 / PIXEL
-    alignment = np.array([[k, 0, OFFSET_UM[0] / PIXEL], [0, k, OFFSET_UM[1] / PIXEL], [0, 0, 1]])
-    np.savetxt(folder / "he_imagealignment.csv", alignment, delimiter=",")
+    scellst.datasets.write_synthetic_xenium(tissue, folder, offset_um=tuple(OFFSET_UM), pixel_size=PIXEL)
     he = np.asarray(image_level0(tissue, "he").data.compute())
     sdata = scellst.io.xenium(folder, he_image=he, alignment=folder / "he_imagealignment.csv")
     scellst.pp.segment_nuclei(sdata, show_progress_bar=False)

@@ -17,7 +17,15 @@ if TYPE_CHECKING:
     from anndata import AnnData
     from spatialdata import SpatialData
 
-__all__ = ["consep", "consep_patches", "data_dir", "her2st", "synthetic_tissue", "xenium_breast_cells"]
+__all__ = [
+    "consep",
+    "consep_patches",
+    "data_dir",
+    "her2st",
+    "synthetic_tissue",
+    "write_synthetic_xenium",
+    "xenium_breast_cells",
+]
 
 # Optical densities of haematoxylin and eosin (Ruifrok & Johnston), used to render H&E from stain concentrations.
 _H_OD = np.array([0.65, 0.70, 0.29])
@@ -474,3 +482,60 @@ def xenium_breast_cells(*, path: str | Path | None = None) -> AnnData:
     names = np.asarray(XENIUM_BREAST_TYPES)[types.loc[common].to_numpy().astype(int)]
     obs = pd.DataFrame({"cell_type": pd.Categorical(names)}, index=common.astype(str))
     return ad.AnnData(X=expr.to_numpy(dtype=np.float32), obs=obs, var=pd.DataFrame(index=expr.columns.astype(str)))
+
+
+def write_synthetic_xenium(
+    sdata: SpatialData,
+    path: str | Path,
+    *,
+    offset_um: tuple[float, float] = (120.0, 40.0),
+    pixel_size: float = 0.2125,
+) -> np.ndarray:
+    """Write the true cells of :func:`synthetic_tissue` as a Xenium output folder, with an H&E alignment file.
+
+    The folder holds ``cells.csv.gz`` (centroids in a micron frame shifted by ``offset_um``),
+    ``cell_feature_matrix.h5`` (the true counts, 10x HDF5 layout), ``experiment.xenium`` and
+    ``he_imagealignment.csv`` (H&E pixels -> Xenium pixels). Reading it back with
+    ``scellst.io.xenium(path, he_image=..., alignment=path / "he_imagealignment.csv")`` gives a case where every
+    answer of :func:`scellst.tl.compare_xenium` is known.
+
+    Returns
+    -------
+    The 3x3 alignment matrix.
+    """
+    import json
+
+    import h5py
+    import scipy.sparse as sp
+
+    from ._utils import affine_to_cs, get_microns_per_pixel, shapes_centroids
+
+    folder = Path(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    truth = sdata.tables[Key.TRUE_EXPRESSION]
+    cells = sdata.shapes[Key.TRUE_CELLS]
+    mpp = get_microns_per_pixel(sdata, Key.IMAGE)
+    to_um = affine_to_cs(cells, "global")  # the synthetic tissue's global frame is in microns
+    xy = shapes_centroids(cells) @ to_um[:2, :2].T + to_um[:2, 2] + np.asarray(offset_um)
+    ids = truth.obs[Col.CELL_ID].astype(str).to_numpy()
+    pos = pd.DataFrame(xy, index=cells.index.astype(str)).reindex(ids).to_numpy()
+    radius = pd.Series(cells[Col.RADIUS].to_numpy(), index=cells.index.astype(str)).reindex(ids).to_numpy()
+    radius_um = radius * abs(to_um[0, 0])
+    pd.DataFrame(
+        {"cell_id": ids, "x_centroid": pos[:, 0], "y_centroid": pos[:, 1], "cell_area": np.pi * radius_um**2}
+    ).to_csv(folder / "cells.csv.gz", index=False)
+    counts = sp.csc_matrix(np.round(np.asarray(truth.layers["counts"])).astype(np.int32).T)  # genes x cells
+    with h5py.File(folder / "cell_feature_matrix.h5", "w") as f:
+        g = f.create_group("matrix")
+        g["data"], g["indices"], g["indptr"] = counts.data, counts.indices, counts.indptr
+        g["shape"] = np.array(counts.shape, dtype=np.int64)
+        g["barcodes"] = np.array([i.encode() for i in ids])
+        feats = g.create_group("features")
+        feats["name"] = np.array([v.encode() for v in truth.var_names.astype(str)])
+        feats["id"] = feats["name"][()]
+        feats["feature_type"] = np.array([b"Gene Expression"] * truth.n_vars)
+    (folder / "experiment.xenium").write_text(json.dumps({"pixel_size": pixel_size}))
+    k = mpp / pixel_size
+    alignment = np.array([[k, 0, offset_um[0] / pixel_size], [0, k, offset_um[1] / pixel_size], [0, 0, 1.0]])
+    np.savetxt(folder / "he_imagealignment.csv", alignment, delimiter=",")
+    return alignment
