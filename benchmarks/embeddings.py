@@ -114,7 +114,9 @@ def gallery(sdata, key: str, out: Path, n_queries: int = 8, k: int = 7) -> None:
     print(f"gallery: {out}; {k}-NN class agreement over 2,000 cells: {same:.3f}", flush=True)
 
 
-def her2st(epochs: int, max_cells: int, n_genes: int, seeds: list[int], reuse: bool, methods: list[str]) -> None:
+def her2st(
+    epochs: int, max_cells: int, n_genes: int, seeds: list[int], reuse: bool, methods: list[str], n_models: int = 1
+) -> None:
     import scellst
 
     sections = ["C2", "C3", "C4", "C5"]
@@ -142,6 +144,7 @@ def her2st(epochs: int, max_cells: int, n_genes: int, seeds: list[int], reuse: b
                 table_key=key,
                 n_top_genes=n_genes,
                 seed=seed,
+                n_models=n_models,
                 show_progress_bar=False,
             )
             test = slides["C5"]
@@ -195,12 +198,15 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="MIL training seeds on HER2ST")
     parser.add_argument("--reuse", action="store_true", help="reuse the HER2ST encoder and embedding tables")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--n-models", type=int, default=1, help="MIL ensemble size on HER2ST")
     args = parser.parse_args()
     CACHE.mkdir(parents=True, exist_ok=True)
     if not args.skip_consep:
         consep(args.consep_epochs)
     if not args.skip_her2st:
-        her2st(args.her2st_epochs, args.her2st_max_cells, args.n_genes, args.seeds, args.reuse, args.methods)
+        her2st(
+            args.her2st_epochs, args.her2st_max_cells, args.n_genes, args.seeds, args.reuse, args.methods, args.n_models
+        )
     if not args.skip_throughput:
         throughput()
     print(f"peak memory (max RSS): {peak_memory_gib():.2f} GiB")
