@@ -152,3 +152,26 @@ def test_xenium_reader_on_real_fragments(data_dir):
         scellst.io.xenium(root / "SpatialExperimentIO_Xenium_small", he_image=np.zeros((3, 64, 64), np.uint8))
     with pytest.raises(FileNotFoundError, match="does not exist"):
         scellst.io.xenium(root / "missing")
+
+
+def test_add_cells_row_column_convention(data_dir, caplog):
+    import anndata as ad
+
+    root = data_dir / "xenium_lung_NCBI858"
+    cells = ad.read_h5ad(root / "NCBI858.h5ad")
+    sdata = scellst.io.from_image(root / "NCBI858.jpg", microns_per_pixel=2.125)
+    # this export names the row `x_pixel` and the column `y_pixel`
+    scellst.io.add_cells(sdata, cells, row_key="x_pixel", col_key="y_pixel")
+    assert sdata.tables["cells_table"].uns["scellst"]["on_tissue_fraction"] > 0.9
+    assert sdata.tables["cells_table"].uns["spatialdata_attrs"]["region"] == "cells"
+    pt = sdata.shapes["cells"].geometry.iloc[0]
+    assert pt.x == pytest.approx(cells.obs["y_pixel"].iloc[0])
+    # the naive reading puts most cells on glass, and says so
+    with caplog.at_level("WARNING", logger="scellst"):
+        scellst.io.add_cells(sdata, cells, row_key="y_pixel", col_key="x_pixel", key_added="naive")
+    assert sdata.tables["naive_table"].uns["scellst"]["on_tissue_fraction"] < 0.6
+    assert "probably the other way round" in caplog.text
+    with pytest.raises(ValueError, match="already exists"):
+        scellst.io.add_cells(sdata, cells, row_key="x_pixel", col_key="y_pixel")
+    with pytest.raises(KeyError, match="no column"):
+        scellst.io.add_cells(sdata, cells, row_key="row", col_key="y_pixel", key_added="c2")

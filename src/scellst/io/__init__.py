@@ -3,6 +3,15 @@
 from .._utils import set_microns_per_pixel
 from ._nuclei import read_nuclei
 from ._readers import from_image, from_spots, visium
-from ._xenium import read_alignment, xenium
+from ._xenium import add_cells, read_alignment, xenium
 
-__all__ = ["from_image", "from_spots", "read_alignment", "read_nuclei", "set_microns_per_pixel", "visium", "xenium"]
+__all__ = [
+    "add_cells",
+    "from_image",
+    "from_spots",
+    "read_alignment",
+    "read_nuclei",
+    "set_microns_per_pixel",
+    "visium",
+    "xenium",
+]

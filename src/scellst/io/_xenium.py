@@ -258,3 +258,103 @@ def _read_10x_h5(path: Path):
     keep = np.ones(len(names), dtype=bool) if types is None else (types == "Gene Expression")
     var = pd.DataFrame(index=pd.Index(names[keep]))
     return ad.AnnData(X=x[:, keep].astype(np.float32), obs=pd.DataFrame(index=pd.Index(barcodes)), var=var)
+
+
+def tissue_fraction(sdata: SpatialData, image_key: str, rows: np.ndarray, cols: np.ndarray) -> float:
+    """Fraction of positions (level-0 pixels) that fall on stained tissue rather than glass, from a coarse level."""
+    from .._utils import to_rgb_uint8
+    from ..pp._segment import _pyramid
+
+    levels = _pyramid(sdata, image_key)
+    arr, factor = levels[-1]
+    rgb = to_rgb_uint8(np.asarray(arr.data.compute() if hasattr(arr.data, "compute") else arr.data))
+    tissue = rgb.astype(float).mean(axis=-1) < 215
+    r = np.clip((np.asarray(rows) / factor).astype(int), 0, tissue.shape[0] - 1)
+    c = np.clip((np.asarray(cols) / factor).astype(int), 0, tissue.shape[1] - 1)
+    inside = (rows >= 0) & (cols >= 0) & (rows < tissue.shape[0] * factor) & (cols < tissue.shape[1] * factor)
+    return float((tissue[r, c] & inside).mean()) if len(r) else 0.0
+
+
+def add_cells(
+    sdata: SpatialData,
+    cells: Any,
+    *,
+    row_key: str,
+    col_key: str,
+    image_key: str | None = None,
+    radius_um: float = 5.0,
+    key_added: str = "cells",
+    table_key: str | None = None,
+    overwrite: bool = False,
+) -> None:
+    """Add single cells given by pixel positions on an H&E image (e.g. HEST or DeepSpot exports) as shapes + table.
+
+    Naming the **row** and **column** columns explicitly avoids the most common mistake with such files: ``x``/``y``
+    columns that are really row/column (or the reverse). After placing the cells, the fraction that falls on
+    stained tissue is checked, and a warning suggests swapping ``row_key`` and ``col_key`` when it is low.
+
+    Parameters
+    ----------
+    sdata
+        The SpatialData with the image.
+    cells
+        Cells x genes AnnData (raw counts) with the pixel positions in ``obs``.
+    row_key, col_key
+        ``obs`` columns with the row (vertical) and column (horizontal) of each cell, in level-0 pixels of the image.
+    image_key
+        The image; ``None`` for the only image.
+    radius_um
+        Radius of the circles drawn for the cells, in microns.
+    key_added
+        Name of the cell shapes.
+    table_key
+        Name of the table (default ``f"{key_added}_table"``).
+    overwrite
+        Replace existing elements with these names.
+
+    Returns
+    -------
+    Nothing; adds ``shapes[key_added]`` (circles in the image's pixel frame, with its transformations) and
+    ``tables[table_key]`` annotating them (``obsm['spatial']``: centroids as (x, y) pixels).
+    """
+    import anndata as ad
+    import geopandas as gpd
+    from shapely.geometry import Point
+    from spatialdata.models import ShapesModel, TableModel
+    from spatialdata.transformations import get_transformation
+
+    from .._utils import check_writable, get_key, get_microns_per_pixel, write_element
+
+    image_key = get_key(sdata, "images", image_key, what="H&E image")
+    table_key = table_key or f"{key_added}_table"
+    for key in (key_added, table_key):
+        check_writable(sdata, key, overwrite=overwrite)
+    for col in (row_key, col_key):
+        if col not in cells.obs:
+            raise KeyError(f"`cells.obs` has no column {col!r}; columns: {list(cells.obs.columns)}.")
+    rows = pd.to_numeric(cells.obs[row_key]).to_numpy(dtype=float)
+    cols = pd.to_numeric(cells.obs[col_key]).to_numpy(dtype=float)
+    if not (np.isfinite(rows).all() and np.isfinite(cols).all()):
+        raise ValueError(f"`{row_key}`/`{col_key}` contain NaN or infinite positions.")
+    frac = tissue_fraction(sdata, image_key, rows, cols)
+    swapped = tissue_fraction(sdata, image_key, cols, rows)
+    if frac < 0.8 and swapped > frac + 0.15:
+        logger.warning(
+            f"Only {frac:.0%} of the cells fall on tissue, {swapped:.0%} with rows and columns swapped: "
+            f"`row_key={row_key!r}` and `col_key={col_key!r}` are probably the other way round."
+        )
+    mpp = get_microns_per_pixel(sdata, image_key)
+    ids = cells.obs_names.astype(str)
+    gdf = gpd.GeoDataFrame(
+        {"radius": np.full(len(ids), radius_um / mpp)},
+        geometry=[Point(c, r) for r, c in zip(rows, cols, strict=True)],
+        index=pd.Index(ids, name="cell_id"),
+    )
+    shapes = ShapesModel.parse(gdf, transformations=get_transformation(sdata.images[image_key], get_all=True))
+    obs = pd.DataFrame({"cell_id": pd.Categorical(ids), Col.REGION: pd.Categorical([key_added] * len(ids))}, index=ids)
+    table = ad.AnnData(X=cells.X, obs=obs, var=pd.DataFrame(index=cells.var_names.astype(str)))
+    table.obsm["spatial"] = np.column_stack([cols, rows])
+    table.uns["scellst"] = {"on_tissue_fraction": frac, "image_key": image_key}
+    table = TableModel.parse(table, region=key_added, region_key=Col.REGION, instance_key="cell_id")
+    write_element(sdata, key_added, shapes, overwrite=overwrite, what=f"{len(ids):,} cells ({frac:.0%} on tissue)")
+    write_element(sdata, table_key, table, overwrite=overwrite, what=f"{table.n_obs:,} cells x {table.n_vars} genes")
