@@ -180,3 +180,14 @@ def test_pretrained_efficientnet_lite0(tissue, monkeypatch):
     monkeypatch.setitem(sys.modules, "efficientnet_lite_pytorch", None)
     with pytest.raises(ImportError, match="scellst\\[pretrained\\]"):
         scellst.tl.embed_cells(sdata, "true_cells", method="efficientnet-lite0", key_added="e2")
+
+
+def test_crop_cache_is_keyed_by_cells(tissue):
+    from scellst.tl._ssl import _fingerprint
+
+    crops = scellst.tl.cell_crops(tissue, "true_cells", context=1.5)
+    a = _fingerprint(crops, np.arange(100))
+    assert a == _fingerprint(crops, np.arange(100))
+    assert a != _fingerprint(crops, np.arange(1, 101))  # same count, other cells
+    other = scellst.tl.cell_crops(tissue, "true_cells", context=1.0)
+    assert a != _fingerprint(other, np.arange(100))  # other geometry

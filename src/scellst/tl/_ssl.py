@@ -95,8 +95,8 @@ def train_ssl(
     max_cells
         Train on a random subset of this many cells (spread over the slides); ``None`` uses every cell.
     cache_dir
-        Folder for the crop files (``None``: a temporary folder removed at the end). Reused when it already holds
-        the crops of the same cells.
+        Folder for the crop files (``None``: a temporary folder removed at the end). A file is reused only for the
+        same cells, positions, crop geometry and image (its name is a hash of them).
     resume
         Continue from the checkpoint next to ``path``.
     seed
@@ -145,7 +145,7 @@ def train_ssl(
     try:
         arrays, norms = [], []
         for i, (c, sub) in enumerate(zip(crops, subsets, strict=True)):
-            arrays.append(_cached_crops(c, sub, folder / f"slide{i}_{len(sub)}_{seed}.npy", show_progress_bar))
+            arrays.append(_cached_crops(c, sub, folder / f"slide{i}_{_fingerprint(c, sub)}.npy", show_progress_bar))
             norms.append(_fit_normalizer(arrays[-1], stain_norm, context))
         slide_of = np.concatenate([np.full(len(s), i) for i, s in enumerate(subsets)])
         row_of = np.concatenate([np.arange(len(s)) for s in subsets])
@@ -245,6 +245,18 @@ def _subsample(sizes: list[int], max_cells: int | None, rng: np.random.Generator
     if max_cells is None or max_cells >= total:
         return [np.arange(n) for n in sizes]
     return [np.sort(rng.choice(n, size=max(1, round(max_cells * n / total)), replace=False)) for n in sizes]
+
+
+def _fingerprint(crops: CellCrops, subset: np.ndarray) -> str:
+    """A short hash of the cells, their positions and the crop geometry: a cached crop file is reused only for them."""
+    import hashlib
+
+    h = hashlib.sha1()
+    h.update(np.asarray(crops.ids).astype(str).astype("U").tobytes())
+    h.update(np.ascontiguousarray(crops.centres_yx, dtype=np.float64).tobytes())
+    h.update(np.asarray(subset, dtype=np.int64).tobytes())
+    h.update(f"{crops.side_px:.6f}-{crops.out_px}-{crops.slide}-{crops.image.shape}".encode())
+    return h.hexdigest()[:16]
 
 
 def _cached_crops(crops: CellCrops, subset: np.ndarray, file: Path, show_progress_bar: bool) -> np.ndarray:
