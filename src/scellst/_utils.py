@@ -50,6 +50,13 @@ def get_key(sdata: SpatialData, kind: ElementKind, key: str | None, *, what: str
     return key
 
 
+def source_image_key(sdata: SpatialData, shapes_key: str, image_key: str | None) -> str:
+    """The H&E image of some shapes: ``image_key`` if given, else the image they were segmented from, else the only one."""
+    if image_key is None:
+        image_key = scellst_attrs(sdata).get(Attr.SHAPES_SOURCE, {}).get(shapes_key)
+    return get_key(sdata, "images", image_key, what="H&E image")
+
+
 def scellst_attrs(sdata: SpatialData) -> dict[str, Any]:
     """The ``sdata.attrs['scellst']`` dictionary, created if missing."""
     root = sdata.attrs.get(Attr.ROOT)

@@ -11,15 +11,15 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 import pandas as pd
 
-from .._constants import Attr, Key
+from .._constants import Key
 from .._logging import logger
 from .._utils import (
     apply_affine,
     get_key,
     get_microns_per_pixel,
     intrinsic_to_intrinsic,
-    scellst_attrs,
     shapes_centroids,
+    source_image_key,
     to_rgb_uint8,
 )
 
@@ -218,9 +218,7 @@ def cell_crops(
     if context < 1:
         raise ValueError(f"`context` must be >= 1, got {context}.")
     shapes_key = get_key(sdata, "shapes", shapes_key, what="nucleus shapes")
-    if image_key is None:
-        image_key = scellst_attrs(sdata).get(Attr.SHAPES_SOURCE, {}).get(shapes_key)
-    image_key = get_key(sdata, "images", image_key, what="H&E image")
+    image_key = source_image_key(sdata, shapes_key, image_key)
     mpp = get_microns_per_pixel(sdata, image_key)
     nuclei = sdata.shapes[shapes_key]
     if len(nuclei) == 0:

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 import pandas as pd
 
-from .._constants import Attr, Col, Key
+from .._constants import Col, Key
 from .._logging import logger
 from .._utils import (
     check_writable,
@@ -17,8 +17,8 @@ from .._utils import (
     image_level0,
     intrinsic_to_intrinsic,
     provenance,
-    scellst_attrs,
     shapes_centroids,
+    source_image_key,
     to_rgb_uint8,
     write_element,
 )
@@ -222,9 +222,7 @@ def embed_cells(
     if method not in EMBED_METHODS:
         raise ValueError(f"Unknown embedding method {method!r}; available: {', '.join(map(repr, EMBED_METHODS))}.")
     shapes_key = get_key(sdata, "shapes", shapes_key, what="nucleus shapes")
-    if image_key is None:
-        image_key = scellst_attrs(sdata).get(Attr.SHAPES_SOURCE, {}).get(shapes_key)
-    image_key = get_key(sdata, "images", image_key, what="H&E image")
+    image_key = source_image_key(sdata, shapes_key, image_key)
     key_added = key_added or f"{shapes_key}{Key.EMBEDDINGS_SUFFIX}"
     check_writable(sdata, key_added, overwrite=overwrite)
     mpp = get_microns_per_pixel(sdata, image_key)
