@@ -129,3 +129,27 @@ def test_dirichlet_compositions_vary():
     assert (top < 0.6).any()
     with pytest.raises(ValueError, match="composition_alpha"):
         scellst.tl.simulate_spots(cells, ref, groupby="klass", matching=MATCH, n_spots=10, composition_alpha=-1)
+
+
+def test_benchmark_simulation_runs_the_registered_models():
+    cells, ref = _toy()
+    sim = scellst.tl.simulate_spots(
+        cells, ref, scenario="centroid", groupby="klass", matching=MATCH, n_spots=300, cells_per_spot=10, seed=0
+    )
+    df = scellst.tl.benchmark_simulation(
+        sim,
+        models=("cpnn", "deepspot2cell", "miso", "oracle"),
+        reference=ref,
+        groupby="cell_type",
+        model_params={"miso": {"k_neighbors": 8}},
+        n_hvg=20,
+        n_markers=5,
+    )
+    inst = df[(df.level == "instance") & (df.gene_set == "hvg")].set_index("model")["pearson"]
+    assert inst["cpnn"] > 0.8 and inst["deepspot2cell"] > 0.6 and inst["miso"] > 0.6, inst.to_dict()
+    # CPNN's argmax type recovers the type each morphological group was matched to
+    types = df.attrs["cpnn_types"]
+    expected = sim.cells.obs.loc[types.index, "matched_type"].astype(str)
+    assert (types.to_numpy() == expected.to_numpy()).mean() > 0.9
+    with pytest.raises(ValueError, match="needs an annotated single-cell reference"):
+        scellst.tl.benchmark_simulation(sim, models=("cpnn",))

@@ -10,8 +10,10 @@ from ._encoders import (
     encoder_from_weights,
     random_encoder,
 )
+from ._context import SpotContext
 from ._losses import COUNT_LOSSES, LOSSES
 from ._mil import MILConfig, ScellstModel, bag_mean, build_network, inverse_softplus
+from ._registry import ModelSpec, available_models, get_model, register_model
 from ._unet import NucleusUNet, UNetConfig, build_unet
 
 __all__ = [
@@ -21,9 +23,12 @@ __all__ = [
     "CellEncoder",
     "EncoderConfig",
     "MILConfig",
+    "ModelSpec",
     "NucleusUNet",
     "ScellstModel",
+    "SpotContext",
     "UNetConfig",
+    "available_models",
     "bag_mean",
     "build_network",
     "build_resnet",
@@ -31,6 +36,8 @@ __all__ = [
     "efficientnet_lite0",
     "encoder_from_module",
     "encoder_from_weights",
+    "get_model",
     "inverse_softplus",
     "random_encoder",
+    "register_model",
 ]

@@ -12,7 +12,8 @@ import numpy as np
 
 from ._losses import COUNT_LOSSES, LOSSES
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
+_READABLE_VERSIONS = (2, 3)  # format 2 (scellst < 0.4) had no architecture: it is always "scellst"
 
 
 @dataclass
@@ -25,6 +26,8 @@ class MILConfig:
     dropout: float = 0.0
     loss: str = "mse"
     nb_parametrization: str = "mean"
+    architecture: str = "scellst"
+    options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.loss not in LOSSES:
@@ -40,42 +43,25 @@ def inverse_softplus(y: np.ndarray) -> np.ndarray:
     return (y + np.log(-np.expm1(-y))).astype(np.float32)
 
 
-def build_network(config: MILConfig, *, output_bias: np.ndarray | None = None, output_scale: np.ndarray | None = None):
-    """The per-cell network: an MLP with ReLU hidden layers and a softplus output, times a per-gene scale.
+def build_network(
+    config: MILConfig,
+    *,
+    output_bias: np.ndarray | None = None,
+    output_scale: np.ndarray | None = None,
+    **init: Any,
+):
+    """The network of ``config.architecture`` (a registered model; ``"scellst"``: the sCellST MLP).
 
-    ``output_bias`` initialises the last layer's bias (so the initial output already matches the mean target and the
-    network does not spend its first epochs fitting an offset); ``output_scale`` multiplies the softplus output
-    (count losses predict rates of very different magnitudes per gene). For the ``"nb"`` loss the network also
-    holds the per-gene log inverse dispersion ``log_theta``.
+    For sCellST, an MLP with ReLU hidden layers and a softplus output, times a per-gene scale. ``output_bias``
+    initialises the last layer's bias (so the initial output already matches the mean target and the network does
+    not spend its first epochs fitting an offset); ``output_scale`` multiplies the softplus output (count losses
+    predict rates of very different magnitudes per gene). For the ``"nb"`` loss the network also holds the per-gene
+    log inverse dispersion ``log_theta``. ``init`` passes model-specific initial values (CPNN's ``prototypes``).
     """
-    import torch
-    from torch import nn
+    from ._registry import get_model
 
-    class MILNet(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            layers: list[nn.Module] = []
-            width = config.n_features
-            for h in config.hidden:
-                layers += [nn.Linear(width, h), nn.ReLU()]
-                if config.dropout > 0:
-                    layers.append(nn.Dropout(config.dropout))
-                width = h
-            layers.append(nn.Linear(width, config.n_genes))
-            self.mlp = nn.Sequential(*layers)
-            self.softplus = nn.Softplus()
-            scale = torch.ones(config.n_genes) if output_scale is None else torch.as_tensor(output_scale).float()
-            self.register_buffer("output_scale", scale)
-            if config.loss == "nb":
-                self.log_theta = nn.Parameter(torch.full((config.n_genes,), 2.0))
-            if output_bias is not None:
-                with torch.no_grad():
-                    self.mlp[-1].bias.copy_(torch.as_tensor(output_bias).float())
-
-        def forward(self, x):
-            return self.softplus(self.mlp(x)) * self.output_scale
-
-    return MILNet()
+    network = get_model(config.architecture).network()
+    return network(config, output_bias=output_bias, output_scale=output_scale, **init)
 
 
 def bag_mean(cell_out, bag_index, n_bags: int):
@@ -90,12 +76,13 @@ def bag_mean(cell_out, bag_index, n_bags: int):
 
 @dataclass
 class ScellstModel:
-    """A trained sCellST model (one network or an ensemble) and everything needed to apply it to a new slide.
+    """A trained model (one network or an ensemble) and everything needed to apply it to a new slide.
 
-    Cell predictions come back in log-normalised units (``log1p`` of counts per 10,000): for the ``"mse"`` and
-    ``"cosine"`` losses the per-gene training scale is inverted, for the count losses the predicted rate per 10,000
-    counts is log-transformed. With several members, predictions are the member mean and the per-cell spread is
-    available.
+    The same class holds every registered model (``model``: ``"scellst"``, ``"cpnn"``, ``"deepspot2cell"``,
+    ``"miso"``); ``config.architecture`` names the per-cell network. Cell predictions come back in log-normalised
+    units (``log1p`` of counts per 10,000): for the ``"mse"`` and ``"cosine"`` losses the per-gene training scale is
+    inverted, for the count losses the predicted rate per 10,000 counts is log-transformed. With several members,
+    predictions are the member mean (or median, for DeepSpot2Cell) and the per-cell spread is available.
     """
 
     config: MILConfig
@@ -110,9 +97,12 @@ class ScellstModel:
     history: list[dict[str, list[float]]] = field(default_factory=list, repr=False)
     params: dict[str, Any] = field(default_factory=dict)
     version: str = ""
+    model: str = "scellst"
+    extras: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         self._nets: list | None = None
+        self._teachers: list | None = None
 
     @property
     def n_models(self) -> int:
@@ -120,17 +110,41 @@ class ScellstModel:
         return len(self.members)
 
     @property
+    def needs_context(self) -> bool:
+        """Whether cell predictions need the cells' spots or positions (DeepSpot2Cell)."""
+        from ._registry import get_model
+
+        return get_model(self.config.architecture).needs_context
+
+    @property
+    def cell_types(self) -> list[str]:
+        """The reference cell types of a CPNN model (empty for other models)."""
+        return list(self.config.options.get("cell_types", []))
+
+    @staticmethod
+    def _build(config: MILConfig, states: list[dict]) -> list:
+        nets = []
+        for state in states:
+            net = build_network(config)
+            net.load_state_dict(state)
+            net.eval()
+            nets.append(net)
+        return nets
+
+    @property
     def networks(self) -> list:
         """The torch modules of the members (built lazily, in eval mode)."""
         if self._nets is None:
-            nets = []
-            for state in self.members:
-                net = build_network(self.config)
-                net.load_state_dict(state)
-                net.eval()
-                nets.append(net)
-            self._nets = nets
+            self._nets = self._build(self.config, self.members)
         return self._nets
+
+    @property
+    def teachers(self) -> list:
+        """MISO's spot-level attention networks (empty for other models)."""
+        if self._teachers is None:
+            cfg = self.extras.get("teacher_config")
+            self._teachers = [] if cfg is None else self._build(MILConfig(**cfg), self.extras["teacher_members"])
+        return self._teachers
 
     def _feature_stats(self, features) -> tuple[np.ndarray, np.ndarray]:
         if self.embedding_scaling != "slide":
@@ -154,56 +168,124 @@ class ScellstModel:
             return np.log1p(raw)
         return raw * self.gene_scale[None, :]
 
+    def _combine(self, outs: np.ndarray) -> np.ndarray:
+        if self.config.options.get("ensemble", "mean") == "median":
+            return np.median(outs, axis=0)
+        return outs.mean(axis=0)
+
+    def _spot_context(self, x: np.ndarray, bags: Sequence[np.ndarray], spot_xy: np.ndarray | None) -> np.ndarray:
+        """Per spot: the mean standardised features of its cells, then the mean over its neighbouring spots."""
+        from ._context import neighbour_means, spot_means, spot_neighbors
+
+        spot_x = spot_means(x, bags)
+        nbr = spot_neighbors(spot_xy, int(self.config.options.get("k_neighbors", 7)), n=len(bags))
+        return np.concatenate([spot_x, neighbour_means(spot_x, nbr)], axis=1)
+
+    def cell_context(self, x: np.ndarray, context) -> np.ndarray:
+        """Per-cell context: the spot context of the cell's spot (see :func:`scellst.models._context.cell_spots`)."""
+        from ._context import SpotContext, cell_spots
+
+        context = context if context is not None else SpotContext()
+        cells_per_spot = float(self.params.get("median_cells_per_spot", 20))
+        spot_of, bags, spot_xy = cell_spots(len(x), context, cells_per_spot=cells_per_spot)
+        ctx = self._spot_context(x, bags, spot_xy)[np.maximum(spot_of, 0)]
+        alone = spot_of < 0
+        if alone.any():  # no spot and no position: the cell is its own context
+            ctx[alone] = np.concatenate([x[alone], x[alone]], axis=1)
+        return ctx.astype(np.float32)
+
+    def _blocks(self, features, context):
+        """Standardised feature blocks ``(start, stop, x, ctx)``; dask features are streamed (context-free models)."""
+        stats = self._feature_stats(features)
+        n = features.shape[0]
+        if self.needs_context:
+            x = self.standardize(np.asarray(features), stats)
+            yield 0, n, x, self.cell_context(x, context)
+            return
+        if hasattr(features, "compute"):
+            bounds = np.cumsum((0, *features.chunks[0]))
+            for a, b in itertools.pairwise(bounds):
+                yield int(a), int(b), self.standardize(np.asarray(features[int(a) : int(b)]), stats), None
+        else:
+            yield 0, n, self.standardize(features, stats), None
+
     def predict_cells(
-        self, features, *, batch_size: int = 65536, return_std: bool = False
+        self, features, *, context=None, batch_size: int = 65536, return_std: bool = False
     ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
         """Per-cell expression (cells x genes, log-normalised units) from the raw features of one slide.
 
         ``features`` may be a numpy array or a dask array; a dask array is streamed block by block (after one pass
-        for the slide statistics), so the features of all cells are never in memory at once. Cells go through the
-        network in batches of ``batch_size``; with ``return_std`` the spread (standard deviation) across ensemble
-        members is returned too.
+        for the slide statistics), so the features of all cells are never in memory at once (models that need a
+        spot context read them once). ``context`` (a :class:`scellst.models.SpotContext`: the cells' spots and/or
+        positions) is needed by DeepSpot2Cell. Cells go through the network in batches of ``batch_size``; with
+        ``return_std`` the spread (standard deviation) across ensemble members is returned too.
         """
         import torch
 
-        stats = self._feature_stats(features)
         n, g = features.shape[0], len(self.genes)
         mean = np.empty((n, g), dtype=np.float32)
         std = np.zeros((n, g), dtype=np.float32) if return_std else None
-        if hasattr(features, "compute"):
-            bounds = np.cumsum((0, *features.chunks[0]))
-            blocks = ((int(a), int(b)) for a, b in itertools.pairwise(bounds))
-        else:
-            blocks = iter([(0, n)])
         nets = self.networks
         with torch.no_grad():
-            for b0, b1 in blocks:
-                x = self.standardize(np.asarray(features[b0:b1]), stats)
+            for b0, b1, x, ctx in self._blocks(features, context):
                 for start in range(0, b1 - b0, batch_size):
                     xb = torch.from_numpy(x[start : start + batch_size])
-                    outs = np.stack([self._to_lognorm(net(xb).numpy()) for net in nets])
-                    mean[b0 + start : b0 + start + len(xb)] = outs.mean(axis=0)
+                    cb = None if ctx is None else torch.from_numpy(ctx[start : start + batch_size])
+                    outs = np.stack([self._to_lognorm(net(xb, cb).numpy()) for net in nets])
+                    mean[b0 + start : b0 + start + len(xb)] = self._combine(outs)
                     if return_std:
                         std[b0 + start : b0 + start + len(xb)] = outs.std(axis=0)
         return (mean, std) if return_std else mean
 
-    def predict_spots(self, features: np.ndarray, bags: Sequence[np.ndarray]) -> np.ndarray:
+    def predict_type_weights(self, features, *, batch_size: int = 65536) -> np.ndarray:
+        """CPNN: per-cell composition weights over :attr:`cell_types` (cells x types, rows sum to one)."""
+        import torch
+
+        if self.config.architecture != "cpnn":
+            raise ValueError(f"Only CPNN models have cell-type weights; this is a {self.model!r} model.")
+        out = np.empty((features.shape[0], len(self.cell_types)), dtype=np.float32)
+        with torch.no_grad():
+            for b0, b1, x, _ in self._blocks(features, None):
+                for start in range(0, b1 - b0, batch_size):
+                    xb = torch.from_numpy(x[start : start + batch_size])
+                    w = np.mean([net.weights(xb).numpy() for net in self.networks], axis=0)
+                    out[b0 + start : b0 + start + len(xb)] = w
+        return out
+
+    def predict_spots(
+        self, features: np.ndarray, bags: Sequence[np.ndarray], spot_xy: np.ndarray | None = None
+    ) -> np.ndarray:
         """Spot-level expression (log-normalised units) for bags of cell indices into ``features`` (one slide).
 
         For ``"mse"``/``"cosine"`` this is the mean of the cells' log-normalised predictions (what the model was
-        fitted to); for the count losses it is ``log1p`` of the mean predicted rate.
+        fitted to); for the count losses it is ``log1p`` of the mean predicted rate. ``spot_xy`` (spot centres)
+        gives DeepSpot2Cell its neighbouring spots; for MISO, spot predictions come from the spot-level attention
+        model (which needs ``spot_xy``), otherwise from the cell-level student.
         """
         import torch
 
-        x = torch.from_numpy(self.standardize(features))
+        from ._context import spot_means, spot_neighbors
+
+        x = self.standardize(features)
+        if self.teachers and spot_xy is not None:
+            spot_x = torch.from_numpy(spot_means(x, bags))
+            nbr = torch.from_numpy(spot_neighbors(np.asarray(spot_xy), int(self.config.options["k_neighbors"])))
+            with torch.no_grad():
+                outs = np.stack([self._to_lognorm(t(spot_x, nbr).numpy()) for t in self.teachers])
+            return self._combine(outs)
         cells = np.concatenate(bags) if len(bags) else np.zeros(0, dtype=int)
         bag_index = torch.from_numpy(np.repeat(np.arange(len(bags)), [len(b) for b in bags]))
+        ctx = None
+        if self.needs_context:
+            xy = None if spot_xy is None else np.asarray(spot_xy, dtype=float)
+            ctx = torch.from_numpy(self._spot_context(x, bags, xy)[bag_index.numpy()])
+        xc = torch.from_numpy(x[cells])
         out = []
         with torch.no_grad():
             for net in self.networks:
-                raw = bag_mean(net(x[torch.from_numpy(cells)]), bag_index, len(bags)).numpy()
-                out.append(np.log1p(raw) if self.config.loss in COUNT_LOSSES else raw * self.gene_scale[None, :])
-        return np.mean(out, axis=0)
+                raw = bag_mean(net(xc, ctx), bag_index, len(bags)).numpy()
+                out.append(self._to_lognorm(raw))
+        return self._combine(np.stack(out))
 
     def check_compatible(self, feature_names: Sequence[str], embedding_method: str) -> None:
         """Raise a clear error when a slide's embeddings do not match those the model was trained on."""
@@ -225,6 +307,7 @@ class ScellstModel:
 
         payload = {
             "format_version": FORMAT_VERSION,
+            "model": self.model,
             "config": asdict(self.config),
             "genes": list(self.genes),
             "feature_names": list(self.feature_names),
@@ -237,6 +320,7 @@ class ScellstModel:
             "history": self.history,
             "params": self.params,
             "version": self.version,
+            "extras": self.extras,
         }
         torch.save(payload, Path(path))
 
@@ -246,7 +330,7 @@ class ScellstModel:
         from ._io import load_payload
 
         payload = load_payload(path, what="scellst model file")
-        if payload.get("format_version") != FORMAT_VERSION:
+        if payload.get("format_version") not in _READABLE_VERSIONS:
             raise ValueError(
                 f"{str(path)!r} is not a scellst model file of format {FORMAT_VERSION} "
                 "(saved by an incompatible scellst version?)."
@@ -264,4 +348,6 @@ class ScellstModel:
             history=payload["history"],
             params=payload["params"],
             version=payload["version"],
+            model=payload.get("model", "scellst"),
+            extras=payload.get("extras", {}),
         )

@@ -29,6 +29,10 @@ if TYPE_CHECKING:
     from ..models import ScellstModel
 
 _TRAIN_OPTIONS = {
+    "model",
+    "model_params",
+    "reference",
+    "groupby",
     "loss",
     "nb_parametrization",
     "n_models",
@@ -106,7 +110,7 @@ def evaluate(
             min_spot_counts=1,
         )
         genes = list(model.genes) if genes is None else list(genes)
-        pred = pd.DataFrame(model.predict_spots(slide.features, slide.bags), columns=model.genes)
+        pred = pd.DataFrame(model.predict_spots(slide.features, slide.bags, slide.spot_xy), columns=model.genes)
         _check_genes(genes, model.genes, slide.counts.var_names)
         return metrics_per_gene(pred[genes].to_numpy(), lognorm(slide.counts, genes), genes)
     measured = sdata.tables[get_key(sdata, "tables", spot_table_key, what="spot count table")]
@@ -176,6 +180,14 @@ def _folds(prepared: dict[str, Slide], scheme: str, n_folds: int, seed: int):
         raise ValueError(f"Unknown scheme {scheme!r}; use 'leave_one_out' or 'single_slide'.")
 
 
+def _reference_genes(models: Mapping[str, Mapping[str, Any]]) -> set[str] | None:
+    """Genes shared by every model's single-cell reference (``None`` when no model has one)."""
+    refs = [opts["reference"] for opts in models.values() if opts.get("reference") is not None]
+    if not refs:
+        return None
+    return set.intersection(*({str(g) for g in r.var_names} for r in refs))
+
+
 def cross_validate(
     slides: Mapping[str, SpatialData] | Sequence[SpatialData],
     *,
@@ -208,9 +220,11 @@ def cross_validate(
         ``"leave_one_out"``: train on all slides but one, test on it, for each slide. ``"single_slide"``: within
         each slide, ``n_folds`` folds of whole spatial blocks of spots.
     models
-        sCellST variants to run, as ``{name: train options}`` (e.g. ``{"mil_mse": {"loss": "mse"}, "mil_nb":
-        {"loss": "nb"}}``); options are those of :func:`train` (loss, n_models, lr, max_epochs, ...).
-        Default ``{"scellst": {}}``.
+        Models to run, as ``{name: train options}`` (e.g. ``{"mil_mse": {"loss": "mse"}, "mil_nb":
+        {"loss": "nb"}, "miso": {"model": "miso"}}``); options are those of :func:`train` (model, model_params,
+        reference, groupby, loss, n_models, lr, max_epochs, ...). Default ``{"scellst": {}}``. When a model has a
+        single-cell ``reference`` (CPNN) and ``genes`` is ``None``, every model's genes are selected among the
+        reference's genes, so that all models are scored on the same genes.
     baselines
         Spot-level baselines to run beside them: ``"ridge"`` and/or ``"spot_mlp"``.
     genes
@@ -255,10 +269,13 @@ def cross_validate(
         )
         for name, s in slides.items()
     }
+    shared = _reference_genes(models) if genes is None else None
+    if shared is not None:
+        logger.info(f"Genes are selected among the {len(shared):,} genes measured by the CPNN reference(s)")
     rows = []
     for fold, train, test in _folds(prepared, scheme, n_folds, seed):
         fold_genes = rank_genes(
-            [s.counts for s in train],
+            [s.counts if shared is None else s.counts[:, s.counts.var_names.isin(shared)] for s in train],
             [s.spot_xy for s in train],
             flavor=list(genes) if genes is not None else flavor,
             n_genes=n_genes,
@@ -282,7 +299,10 @@ def cross_validate(
                 settings=settings,
                 **{k: v for k, v in opts.items() if k in _TRAIN_OPTIONS},
             )
-            predictions[name] = (model.predict_spots(test.features, test.bags), time.perf_counter() - t0)
+            predictions[name] = (
+                model.predict_spots(test.features, test.bags, test.spot_xy),
+                time.perf_counter() - t0,
+            )
         for b in baselines:
             t0 = time.perf_counter()
             pred = fit_predict_baseline(b, train, test, fold_genes, seed=seed)

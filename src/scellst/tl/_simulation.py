@@ -303,6 +303,9 @@ def benchmark_simulation(
     n_hvg: int = 50,
     n_markers: int = 10,
     models: Sequence[str] = ("mil", "supervised", "mil_onehot", "oracle"),
+    reference: AnnData | None = None,
+    groupby: str | None = None,
+    model_params: Mapping[str, Mapping[str, Any]] | None = None,
     loss: str = "mse",
     lr: float = 1e-3,
     batch_size: int = 32,
@@ -313,10 +316,13 @@ def benchmark_simulation(
 ) -> pd.DataFrame:
     """Train on the simulated spots and score per-cell (instance) and per-spot (bag) predictions on test data.
 
-    Models: ``"mil"`` the sCellST MIL on the image features (spots only); ``"supervised"`` the same network trained
-    on the true expression of each training cell (the upper bound); ``"mil_onehot"`` MIL on one-hot encodings of the
-    morphological group instead of image features; ``"oracle"`` the mean true expression of the training cells of
-    the test cell's group (the best any group-level predictor can do).
+    Models: ``"mil"`` (or ``"scellst"``) the sCellST MIL on the image features (spots only); the other registered
+    models ``"cpnn"`` (needs ``reference`` and ``groupby``), ``"deepspot2cell"`` and ``"miso"``, trained on the
+    same spots; ``"supervised"`` the sCellST network trained on the true expression of each training cell (the
+    upper bound); ``"mil_onehot"`` MIL on one-hot encodings of the morphological group instead of image features;
+    ``"oracle"`` the mean true expression of the training cells of the test cell's group (the best any group-level
+    predictor can do). Simulated spots have no layout: each gets a random position, so the neighbouring spots that
+    DeepSpot2Cell and MISO use carry no signal here, only the spot itself does.
 
     Parameters
     ----------
@@ -329,6 +335,10 @@ def benchmark_simulation(
         Sizes of the default gene sets.
     models
         Which models to run.
+    reference, groupby
+        The annotated single-cell reference (counts) and its type column, for ``"cpnn"``.
+    model_params
+        Options per registered model, e.g. ``{"miso": {"k_neighbors": 12}}`` (see :func:`scellst.tl.train`).
     loss
         Loss of the networks (see :func:`scellst.tl.train`): ``"mse"`` (the paper) or ``"nb"`` (counts; the cells'
         rates add up to the spot, exactly as simulated spots are made).
@@ -342,8 +352,10 @@ def benchmark_simulation(
     Returns
     -------
     A tidy DataFrame: ``model``, ``gene_set``, ``level`` (``instance``/``bag``), ``pearson`` (mean over genes),
-    ``n_genes``, ``train_seconds``, ``best_epoch``; with ``attrs['per_gene']`` the per-gene correlations.
+    ``n_genes``, ``train_seconds``, ``best_epoch``; with ``attrs['per_gene']`` the per-gene correlations and, for
+    CPNN, ``attrs['cpnn_types']`` (the argmax reference type of every test cell) and ``attrs['cpnn_weights']``.
     """
+    from ..models import SpotContext
     cells, spots = sim.cells, sim.spots
     train_cells = cells.obs["split"].to_numpy() == "train"
     test_cells = ~train_cells
@@ -359,8 +371,12 @@ def benchmark_simulation(
     test_bags = [b for b, tr in zip(sim.bags, spot_train, strict=True) if not tr]
     true_spots = _lognorm_dense(_dense(spots.X)[~spot_train])[:, gi]
 
-    rows, per_gene = [], {}
+    rows, per_gene, extra = [], {}, {}
     onehot = pd.get_dummies(cells.obs["group"]).to_numpy(dtype=np.float32)
+    spot_xy = np.empty((len(sim.bags), 2))  # no layout: random positions
+    spot_xy[spot_train] = np.random.default_rng(seed).random((int(spot_train.sum()), 2))
+    spot_xy[~spot_train] = np.random.default_rng(seed + 1).random((int((~spot_train).sum()), 2))
+    registered = ("scellst", "cpnn", "deepspot2cell", "miso")
     for name in models:
         t0 = time.perf_counter()
         best = np.nan
@@ -372,25 +388,41 @@ def benchmark_simulation(
             )
             pred = means.reindex(cells.obs["group"].to_numpy()).to_numpy(dtype=np.float32)
             pred = np.nan_to_num(pred, nan=float(np.nanmean(means.to_numpy())))
-        elif name in ("mil", "mil_onehot", "supervised"):
+        elif name in ("mil", "mil_onehot", "supervised", *registered):
             feats = onehot if name == "mil_onehot" else cells.obsm["features"]
             if name == "supervised":
                 bags = [np.array([i]) for i in np.flatnonzero(train_cells)]
                 counts = _dense(cells.X)[train_cells]
+                xy = np.random.default_rng(seed).random((len(bags), 2))
             else:
                 bags = [b for b, tr in zip(sim.bags, spot_train, strict=True) if tr]
                 counts = _dense(spots.X)[spot_train]
+                xy = spot_xy[spot_train]
             # the supervised bound sees as many cells per step as MIL does
             bs = batch_size * int(np.mean([len(b) for b in sim.bags])) if name == "supervised" else batch_size
+            kind = name if name in registered else "scellst"
             model = _fit(
-                feats, bags, counts, cells.var_names, all_genes,
+                feats, bags, counts, cells.var_names, all_genes, xy,
                 lr=lr, batch_size=bs, max_epochs=max_epochs, patience=patience, seed=seed,
-                progress=show_progress_bar, name=name, loss=loss,
+                progress=show_progress_bar, name=name, loss=loss, model=kind,
+                model_params=(model_params or {}).get(name), reference=reference, groupby=groupby,
             )  # fmt: skip
-            pred = model.predict_cells(np.asarray(feats, dtype=np.float32))
+            x = np.asarray(feats, dtype=np.float32)
+            pred = model.predict_cells(x, context=SpotContext(bags=sim.bags, spot_xy=spot_xy))
             best = model.params["best_epoch"]
+            if name == "cpnn":
+                weights = model.predict_type_weights(x)[test_cells]
+                extra["cpnn_weights"] = pd.DataFrame(
+                    weights, index=cells.obs_names[test_cells], columns=model.cell_types
+                )
+                extra["cpnn_types"] = pd.Series(
+                    np.asarray(model.cell_types)[weights.argmax(axis=1)], index=cells.obs_names[test_cells]
+                )
         else:
-            raise ValueError(f"Unknown model {name!r}; use 'mil', 'supervised', 'mil_onehot' or 'oracle'.")
+            raise ValueError(
+                f"Unknown model {name!r}; use 'mil', 'supervised', 'mil_onehot', 'oracle' or a registered model "
+                f"{registered}."
+            )
         dt = time.perf_counter() - t0
         pred_spots = np.stack([pred[b].mean(axis=0) for b in test_bags])
         for level, p, t in (
@@ -415,21 +447,24 @@ def benchmark_simulation(
     df = pd.DataFrame(rows)
     df.attrs["per_gene"] = per_gene
     df.attrs["scenario"] = sim.scenario
+    df.attrs.update(extra)
     return df
 
 
-def _fit(feats, bags, counts, var_names, genes, *, lr, batch_size, max_epochs, patience, seed, progress, name, loss):
+def _fit(
+    feats, bags, counts, var_names, genes, spot_xy, *, lr, batch_size, max_epochs, patience, seed, progress, name,
+    loss, model="scellst", model_params=None, reference=None, groupby=None,
+):  # fmt: skip
     import anndata as ad
 
     from ._train import FitSettings, Slide, fit_slides
 
-    rng = np.random.default_rng(seed)
     slide = Slide(
         name=name,
         features=np.asarray(feats, dtype=np.float32),
         bags=list(bags),
         counts=ad.AnnData(X=counts, var=pd.DataFrame(index=pd.Index(var_names.astype(str)))),
-        spot_xy=rng.random((len(bags), 2)),  # no spatial layout: validation blocks are random spots
+        spot_xy=spot_xy,  # random: validation blocks are random spots
         spot_ids=np.array([f"s{i}" for i in range(len(bags))]),
         feature_names=[f"f{i}" for i in range(feats.shape[1])],
         embedding_method=name,
@@ -437,7 +472,10 @@ def _fit(feats, bags, counts, var_names, genes, *, lr, batch_size, max_epochs, p
     settings = FitSettings(
         lr=lr, batch_size=batch_size, max_epochs=max_epochs, patience=patience, show_progress_bar=progress
     )
-    return fit_slides([slide], list(genes), loss=loss, seed=seed, settings=settings)
+    return fit_slides(
+        [slide], list(genes), loss=loss, seed=seed, settings=settings, model=model, model_params=model_params,
+        reference=reference, groupby=groupby,
+    )  # fmt: skip
 
 
 def default_gene_sets(cells: AnnData, *, n_hvg: int = 50, n_markers: int = 10) -> dict[str, list[str]]:

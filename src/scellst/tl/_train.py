@@ -14,10 +14,12 @@ import pandas as pd
 from .._constants import TARGET_SUM, Col, Key
 from .._logging import logger
 from .._utils import (
+    apply_affine,
     as_list,
     check_writable,
     get_key,
     instance_ids,
+    intrinsic_to_intrinsic,
     provenance,
     shapes_centroids,
     write_element,
@@ -262,13 +264,10 @@ class FitSettings:
 
 
 def _loss_fn(config, net, data_t, spot_idx, cell_index, bag_index):
-    import torch
-
-    from ..models import bag_mean
     from ..models._losses import cosine_per_slide, mse, nb_nll, poisson_nll
 
-    idx = torch.from_numpy(spot_idx).to(data_t["x"].device)
-    pred = bag_mean(net(data_t["x"][cell_index]), bag_index, len(spot_idx))
+    idx = torch_index(spot_idx, data_t["x"].device)
+    pred = net.spots(data_t, spot_idx, cell_index, bag_index)
     if config.loss == "mse":
         return mse(pred, data_t["scaled"][idx])
     if config.loss == "cosine":
@@ -277,6 +276,24 @@ def _loss_fn(config, net, data_t, spot_idx, cell_index, bag_index):
     if config.loss == "nb":
         return nb_nll(mu, data_t["counts"][idx], net.log_theta, parametrization=config.nb_parametrization)
     return poisson_nll(mu, data_t["counts"][idx])
+
+
+def torch_index(idx: np.ndarray, device):
+    """A numpy index array as a torch tensor on ``device``."""
+    import torch
+
+    return torch.from_numpy(np.asarray(idx, dtype=np.int64)).to(device)
+
+
+def context_arrays(config, data: TrainingData) -> dict[str, np.ndarray]:
+    """Spot-level inputs of the models that look beyond the cell: spot means and the spot graph (per slide)."""
+    from ..models._context import neighbour_means, spot_means, spot_neighbors
+
+    if config.architecture not in ("deepspot2cell", "_miso_teacher"):
+        return {}
+    spot_x = spot_means(data.x, data.bags)
+    nbr = spot_neighbors(data.spot_xy, int(config.options["k_neighbors"]), groups=data.slide_of_spot)
+    return {"spot_x": spot_x, "nb_x": neighbour_means(spot_x, nbr), "nbr": nbr}
 
 
 def _output_init(config, data: TrainingData, train_idx: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
@@ -299,8 +316,12 @@ def fit_member(
     checkpoint: Path | None = None,
     resume: bool = False,
     desc: str = "train",
+    init: dict[str, Any] | None = None,
 ) -> tuple[dict, dict[str, list[float]], int]:
-    """Train one network; returns its best weights, loss history and best epoch (1-based)."""
+    """Train one network; returns its best weights, loss history and best epoch (1-based).
+
+    ``init`` passes model-specific initial values to the network (CPNN's prototypes).
+    """
     import torch
     from tqdm.auto import tqdm
 
@@ -311,7 +332,7 @@ def fit_member(
     torch.manual_seed(seed)
     train_idx, val_idx = np.flatnonzero(~val_mask), np.flatnonzero(val_mask)
     bias, scale = _output_init(config, data, train_idx)
-    net = build_network(config, output_bias=bias, output_scale=scale).to(device)
+    net = build_network(config, output_bias=bias, output_scale=scale, **(init or {})).to(device)
     opt = torch.optim.AdamW(net.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
     data_t = {
         "x": torch.from_numpy(data.x).to(device),
@@ -320,6 +341,7 @@ def fit_member(
         "library": torch.from_numpy(data.library).to(device),
         "slide": torch.from_numpy(data.slide_of_spot).to(device),
     }
+    data_t.update({k: torch.from_numpy(v).to(device) for k, v in context_arrays(config, data).items()})
     history: dict[str, list[float]] = {"train_loss": [], "val_loss": []}
     state = {"epoch": 0, "best": np.inf, "best_epoch": 0, "wait": 0, "best_state": None, "stopped": False}
 
@@ -419,15 +441,57 @@ def fit_member(
 # --------------------------------------------------------------------------------------------------------------------
 # public API
 # --------------------------------------------------------------------------------------------------------------------
+def _fit_members(
+    config,
+    data: TrainingData,
+    settings: FitSettings,
+    *,
+    n_models: int,
+    val_fraction: float,
+    seed: int,
+    ckdir: Path | None,
+    resume: bool,
+    prefix: str = "",
+    init: dict[str, Any] | None = None,
+) -> tuple[list[dict], list[dict], list[int], list[int]]:
+    """Train ``n_models`` networks (different seeds and validation blocks): states, histories, best epochs, n_val."""
+    members, histories, best_epochs, n_val = [], [], [], []
+    for m in range(n_models):
+        member_seed = seed + 1000 * m
+        val_mask = validation_mask(data, val_fraction, np.random.default_rng(member_seed))
+        n_val.append(int(val_mask.sum()))
+        name = f"{prefix}member_{m}" if prefix else f"member_{m}"
+        desc = prefix.rstrip("_") or "train"
+        state, hist, best = fit_member(
+            config,
+            data,
+            val_mask=val_mask,
+            settings=settings,
+            seed=member_seed,
+            checkpoint=None if ckdir is None else ckdir / f"{name}.pt",
+            resume=resume,
+            desc=f"{desc}[{m + 1}/{n_models}]" if n_models > 1 else desc,
+            init=init,
+        )
+        members.append(state)
+        histories.append(hist)
+        best_epochs.append(best)
+    return members, histories, best_epochs, n_val
+
+
 def fit_slides(
     slides: Sequence[Slide],
     genes: Sequence[str],
     *,
+    model: str = "scellst",
+    model_params: dict[str, Any] | None = None,
+    reference: AnnData | None = None,
+    groupby: str | None = None,
     loss: str = "mse",
     nb_parametrization: str = "mean",
     hidden: Sequence[int] = (256, 256, 256),
     dropout: float = 0.0,
-    n_models: int = 1,
+    n_models: int | None = None,
     val_fraction: float = 0.15,
     embedding_scaling: str = "slide",
     seed: int = 0,
@@ -436,11 +500,14 @@ def fit_slides(
     resume: bool = False,
     extra_params: dict[str, Any] | None = None,
 ) -> ScellstModel:
-    """Fit a (possibly ensembled) sCellST model on prepared slides (see :func:`train`)."""
+    """Fit a (possibly ensembled) model of the registry on prepared slides (see :func:`train`)."""
     from .. import __version__
     from ..models import MILConfig, ScellstModel
+    from ._models import cpnn_setup, default_n_models, fit_miso_teachers, model_options
 
     settings = settings or FitSettings()
+    opts = model_options(model, model_params)
+    n_models = default_n_models(model) if n_models is None else n_models
     feature_names = slides[0].feature_names
     for s in slides[1:]:
         if s.feature_names != feature_names:
@@ -450,7 +517,10 @@ def fit_slides(
         raise ValueError(f"The slides were embedded with different methods: {sorted(methods)}.")
     if n_models < 1:
         raise ValueError("`n_models` must be at least 1.")
+    if model == "miso" and loss != "mse":
+        raise ValueError("MISO's student is fitted to its teacher's predictions with MSE: use loss='mse'.")
     data = build_training_data(slides, genes, embedding_scaling)
+    gene_scale = data.slide_scale.mean(axis=0).astype(np.float32)
     config = MILConfig(
         n_features=len(feature_names),
         n_genes=len(genes),
@@ -458,43 +528,45 @@ def fit_slides(
         dropout=dropout,
         loss=loss,
         nb_parametrization=nb_parametrization,
+        architecture="scellst" if model == "miso" else model,
+        options={k: v for k, v in opts.items() if k in ("k_neighbors", "ensemble")},
     )
+    init = None
+    if model == "cpnn":
+        config, init = cpnn_setup(config, reference, groupby, genes, gene_scale, opts)
     ckdir = Path(checkpoint_dir) if checkpoint_dir is not None else None
     if ckdir is not None:
         ckdir.mkdir(parents=True, exist_ok=True)
-        run = {"genes": list(genes), "loss": loss, "n_features": len(feature_names), "seed": seed}
+        run = {"genes": list(genes), "loss": loss, "n_features": len(feature_names), "seed": seed, "model": model}
         run_file = ckdir / "run.json"
         if resume and run_file.exists() and json.loads(run_file.read_text()) != run:
             raise ValueError(
-                f"The checkpoints in {str(ckdir)!r} belong to another training run (genes, loss or seed differ); "
-                "use another `checkpoint_dir` or `resume=False`."
+                f"The checkpoints in {str(ckdir)!r} belong to another training run (genes, loss, model or seed "
+                "differ); use another `checkpoint_dir` or `resume=False`."
             )
         run_file.write_text(json.dumps(run))
-    members, histories, best_epochs, n_val = [], [], [], []
     logger.info(
-        f"Training sCellST ({loss}) on {len(slides)} slide(s): {len(data.bags):,} spots, "
+        f"Training {model} ({loss}) on {len(slides)} slide(s): {len(data.bags):,} spots, "
         f"{sum(len(b) for b in data.bags):,} cells in spots, {len(genes)} genes, {len(feature_names)} features"
         + (f", {n_models} ensemble members" if n_models > 1 else "")
     )
-    for m in range(n_models):
-        member_seed = seed + 1000 * m
-        val_mask = validation_mask(data, val_fraction, np.random.default_rng(member_seed))
-        n_val.append(int(val_mask.sum()))
-        state, hist, best = fit_member(
-            config,
-            data,
-            val_mask=val_mask,
-            settings=settings,
-            seed=member_seed,
-            checkpoint=None if ckdir is None else ckdir / f"member_{m}.pt",
-            resume=resume,
-            desc=f"train[{m + 1}/{n_models}]" if n_models > 1 else "train",
-        )
-        members.append(state)
-        histories.append(hist)
-        best_epochs.append(best)
-    gene_scale = data.slide_scale.mean(axis=0).astype(np.float32)
+
+    def members_fn(cfg, d, st, prefix):
+        return _fit_members(
+            cfg, d, st, n_models=n_models, val_fraction=val_fraction, seed=seed, ckdir=ckdir, resume=resume,
+            prefix=prefix,
+        )  # fmt: skip
+
+    extras: dict[str, Any] = {}
+    if model == "miso":
+        extras, data = fit_miso_teachers(config, data, members_fn=members_fn, opts=opts, settings=settings)
+    members, histories, best_epochs, n_val = _fit_members(
+        config, data, settings, n_models=n_models, val_fraction=val_fraction, seed=seed, ckdir=ckdir,
+        resume=resume, prefix="student_" if model == "miso" else "", init=init,
+    )  # fmt: skip
     params = {
+        "model": model,
+        "model_params": {k: v for k, v in opts.items() if k != "layer"},
         "loss": loss,
         "nb_parametrization": nb_parametrization,
         "lr": settings.lr,
@@ -511,8 +583,13 @@ def fit_slides(
         "slides": [s.name for s in slides],
         "n_train_spots": len(data.bags) - n_val[0],
         "n_val_spots": n_val[0],
+        "median_cells_per_spot": float(np.median([len(b) for b in data.bags])),
         "target": "log1p(counts per 1e4) / per-slide robust scale" if loss in ("mse", "cosine") else "raw counts",
     }
+    if model == "miso":
+        params["target"] = "the MISO teacher's calibrated spot predictions (log1p(counts per 1e4) / robust scale)"
+    if model == "cpnn":
+        params["reference_groupby"] = groupby
     params.update(extra_params or {})
     return ScellstModel(
         config=config,
@@ -527,18 +604,24 @@ def fit_slides(
         history=histories,
         params=params,
         version=__version__,
+        model=model,
+        extras=extras,
     )
 
 
 def train(
     sdata: SpatialData | Sequence[SpatialData],
     *,
+    model: str = "scellst",
+    model_params: dict[str, Any] | None = None,
+    reference: AnnData | None = None,
+    groupby: str | None = None,
     genes: Sequence[str] | None = None,
     flavor: Literal["hvg", "svg", "rmax"] = "hvg",
     n_top_genes: int = 50,
     loss: Literal["mse", "nb", "poisson", "cosine"] = "mse",
     nb_parametrization: Literal["mean", "total_count"] = "mean",
-    n_models: int = 1,
+    n_models: int | None = None,
     shapes_key: str = Key.NUCLEI,
     table_key: str | None = None,
     spots_key: str = Key.SPOTS,
@@ -562,9 +645,13 @@ def train(
     resume: bool = False,
     show_progress_bar: bool = True,
 ) -> ScellstModel:
-    """Train the sCellST multiple-instance model: each spot is a bag of cells, a per-cell MLP predicts expression.
+    """Train a model of single-cell expression from spots: by default sCellST's multiple-instance learner.
 
-    The cell predictions of a spot are averaged and fitted to the spot's measured expression. Validation spots are
+    sCellST: each spot is a bag of cells, a per-cell MLP predicts expression, and the cell predictions of a spot are
+    averaged and fitted to the spot's measured expression. Other models of the registry (``model=``, see
+    :func:`scellst.models.available_models` and the models page of the docs) are trained through the same call
+    and predict the same cell table: ``"cpnn"`` (reference cell-type prototypes), ``"deepspot2cell"`` (the cell
+    with its spot and neighbouring spots) and ``"miso"`` (spot attention distilled into a cell model). Validation spots are
     whole spatial blocks of each slide, so early stopping is not fooled by neighbouring spots; training stops when
     the validation loss has not improved for ``patience`` epochs (``max_epochs`` is only a safety cap), and the best
     epoch's weights are kept. The output layer starts at the mean target, so no epochs are spent fitting an offset.
@@ -574,6 +661,15 @@ def train(
     sdata
         One SpatialData, or a list for multi-slide training. Each needs nucleus shapes assigned to spots
         (:func:`scellst.pp.assign_cells`), an embedding table (:func:`scellst.tl.embed_cells`) and a spot count table.
+    model
+        ``"scellst"`` (default), ``"cpnn"``, ``"deepspot2cell"`` or ``"miso"``.
+    model_params
+        Options of the model: ``deepspot2cell``: ``k_neighbors`` (neighbouring spots, default 7 = a Visium ring),
+        ``ensemble`` (``"median"``/``"mean"``); ``miso``: ``k_neighbors`` (default 36), ``n_heads`` (4),
+        ``teacher_lr`` (1e-3), ``teacher_patience`` (100 epochs); ``cpnn``: ``layer`` (reference counts layer).
+    reference, groupby
+        For ``"cpnn"``: an annotated single-cell reference (raw counts in ``layers['counts']`` or ``X``) and its
+        cell-type column. With ``genes=None`` the genes are selected among those the reference measures.
     genes
         Genes to learn. ``None`` selects ``n_top_genes`` genes with :func:`scellst.pp.select_genes` (``flavor``)
         on the training slides, after the gene filters.
@@ -589,8 +685,8 @@ def train(
     nb_parametrization
         ``"mean"`` (mean and dispersion) or ``"total_count"`` (torch's total count and logits) for ``loss="nb"``.
     n_models
-        Ensemble size: members use different seeds and validation blocks; predictions are their mean and the
-        per-cell spread is stored by :func:`predict`.
+        Ensemble size: members use different seeds and validation blocks; predictions are their mean (median for
+        DeepSpot2Cell) and the per-cell spread is stored by :func:`predict`. ``None``: 3 for DeepSpot2Cell, else 1.
     shapes_key, table_key, spots_key, spot_table_key
         Element names: nucleus shapes, embedding table (default ``f"{shapes_key}_embeddings"``), spot shapes and
         spot count table.
@@ -624,10 +720,13 @@ def train(
 
     Returns
     -------
-    The fitted :class:`scellst.models.ScellstModel` (``model.history`` holds the loss curves of each member,
-    ``model.params`` the settings and the filters applied).
+    The fitted :class:`scellst.models.ScellstModel` (``model.model`` names the model, ``model.history`` holds the
+    loss curves of each member, ``model.params`` the settings and the filters applied).
     """
     from ..models import LOSSES
+    from ._models import model_options, reference_genes
+
+    model_options(model, model_params)  # fail fast on an unknown model or option
 
     if loss not in LOSSES:
         raise ValueError(f"Unknown loss {loss!r}; choose one of {LOSSES}.")
@@ -650,8 +749,9 @@ def train(
         )
         for i, s in enumerate(sdatas)
     ]
+    shared = reference_genes(reference) if model == "cpnn" and genes is None else None
     selected = rank_genes(
-        [s.counts for s in slides],
+        [s.counts if shared is None else s.counts[:, s.counts.var_names.isin(shared)] for s in slides],
         [s.spot_xy for s in slides],
         flavor=list(genes) if genes is not None else flavor,
         n_genes=n_top_genes,
@@ -678,6 +778,10 @@ def train(
     return fit_slides(
         slides,
         selected,
+        model=model,
+        model_params=model_params,
+        reference=reference,
+        groupby=groupby,
         loss=loss,
         nb_parametrization=nb_parametrization,
         hidden=hidden,
@@ -706,6 +810,22 @@ def _bags_from_obs(spot_of: pd.Series) -> tuple[list[str], list[np.ndarray]]:
     groups = pd.Series(np.flatnonzero(ok)).groupby(pd.Series(values[ok]).astype(str).to_numpy())
     ids = [str(k) for k, _ in groups]
     return ids, [v.to_numpy() for _, v in groups]
+
+
+def _spot_context(sdata: SpatialData, emb: AnnData, shapes_key: str, spots_key: str | None):
+    """The cells' spots and positions, with the spot centres moved into the cells' frame (for context models)."""
+    from ..models import SpotContext
+
+    cell_xy = np.asarray(emb.obsm["spatial"], dtype=float) if "spatial" in emb.obsm else None
+    if Col.SPOT_ID not in emb.obs or spots_key is None or spots_key not in sdata.shapes:
+        return SpotContext(cell_xy=cell_xy)
+    ids, bags = _bags_from_obs(emb.obs[Col.SPOT_ID])
+    if not ids:
+        return SpotContext(cell_xy=cell_xy)
+    spots = sdata.shapes[spots_key]
+    centres = pd.DataFrame(shapes_centroids(spots), index=spots.index.astype(str)).reindex(ids).to_numpy()
+    spot_xy = apply_affine(intrinsic_to_intrinsic(sdata, spots_key, shapes_key), centres)
+    return SpotContext(bags=bags, spot_xy=spot_xy, cell_xy=cell_xy)
 
 
 def predict(
@@ -769,16 +889,23 @@ def predict(
     method = emb.uns.get("scellst", {}).get("method", "unknown")
     model.check_compatible(list(emb.var_names), method)
     features = np.asarray(emb.X)
+    context = _spot_context(sdata, emb, shapes_key, spots_key) if model.needs_context or model.teachers else None
     if model.n_models > 1:
-        values, spread = model.predict_cells(features, batch_size=batch_size, return_std=True)
+        values, spread = model.predict_cells(features, context=context, batch_size=batch_size, return_std=True)
     else:
-        values, spread = model.predict_cells(features, batch_size=batch_size), None
+        values, spread = model.predict_cells(features, context=context, batch_size=batch_size), None
 
     obs = emb.obs[[c for c in (Col.CELL_ID, Col.SPOT_ID) if c in emb.obs]].copy()
     obs[Col.REGION] = pd.Categorical([shapes_key] * emb.n_obs)
     table = ad.AnnData(X=values, obs=obs, var=pd.DataFrame(index=model.genes))
     if spread is not None:
         table.layers["ensemble_std"] = spread
+    if model.cell_types:  # CPNN: the per-cell composition over the reference types
+        weights = model.predict_type_weights(features, batch_size=batch_size)
+        table.obsm["cell_type_weights"] = pd.DataFrame(weights, index=table.obs_names, columns=model.cell_types)
+        table.obs["predicted_type"] = pd.Categorical(
+            np.asarray(model.cell_types)[weights.argmax(axis=1)], categories=model.cell_types
+        )
     table.obsm["spatial"] = np.asarray(emb.obsm["spatial"])
     table.uns["scellst"] = provenance(
         model.params,
@@ -796,7 +923,7 @@ def predict(
         check_writable(sdata, spots_key_added, overwrite=overwrite)
         ids, bags = _bags_from_obs(obs[Col.SPOT_ID])
         if ids:
-            spot_values = model.predict_spots(features, bags)
+            spot_values = model.predict_spots(features, bags, spot_xy=context.spot_xy if context is not None else None)
             sobs = pd.DataFrame(
                 {
                     Col.SPOT_ID: ids,
