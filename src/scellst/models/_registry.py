@@ -67,6 +67,7 @@ register_model(
         "cpnn",
         _net("cpnn"),
         "CPNN: per-cell weights over reference cell types x the types' expression prototypes",
+        defaults={"lr": 1e-3, "mixing": "rates"},
         needs_reference=True,
     )
 )

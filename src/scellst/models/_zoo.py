@@ -64,17 +64,24 @@ class CPNNNet(_Head):
     """CPNN: per-cell weights over cell types (softmax) times the types' expression prototypes.
 
     Cell expression is ``gain * (weights @ prototypes) + offset`` (the offset only on log-normalised targets), so
-    the platform difference between the single-cell reference and the spots is a per-gene gain; spots are the mean
-    of their cells.
+    the platform difference between the single-cell reference and the spots is a per-gene gain; with
+    ``mixing="rates"`` the types are mixed as rates and the result log-transformed. Spots are the mean of their
+    cells.
     """
 
-    def __init__(self, config, output_bias=None, output_scale=None, prototypes=None) -> None:
+    def __init__(
+        self, config, output_bias=None, output_scale=None, prototypes=None, scale=None, log_gain=None
+    ) -> None:
         super().__init__()
         n_types = int(config.options["n_types"])
+        self.mixing = config.options.get("mixing", "log")
+        if self.mixing == "rates":  # MSE on log values, types mixed as rates: log1p(gain * w @ rates) / scale
+            self.register_buffer("scale", torch.ones(config.n_genes) if scale is None else torch.as_tensor(scale))
         self.mlp = _mlp(config.n_features, config.hidden, n_types, config.dropout)
         protos = torch.zeros(n_types, config.n_genes) if prototypes is None else torch.as_tensor(prototypes).float()
         self.register_buffer("prototypes", protos)
-        self.log_gain = nn.Parameter(torch.zeros(config.n_genes))
+        gain = torch.zeros(config.n_genes) if log_gain is None else torch.as_tensor(log_gain).float()
+        self.log_gain = nn.Parameter(gain)
         self.offset = nn.Parameter(torch.zeros(config.n_genes), requires_grad=config.loss not in ("nb", "poisson"))
         if config.loss == "nb":
             self.log_theta = nn.Parameter(torch.full((config.n_genes,), 2.0))
@@ -84,7 +91,10 @@ class CPNNNet(_Head):
         return torch.softmax(self.mlp(x), dim=1)
 
     def forward(self, x, ctx=None):
-        return torch.exp(self.log_gain) * (self.weights(x) @ self.prototypes) + self.offset
+        mixed = torch.exp(self.log_gain) * (self.weights(x) @ self.prototypes)
+        if self.mixing == "rates":
+            return torch.log1p(mixed) / self.scale + self.offset
+        return mixed + self.offset
 
     def spots(self, t, spot_idx, cell_index, bag_index):
         return bag_mean(self(t["x"][cell_index]), bag_index, len(spot_idx))

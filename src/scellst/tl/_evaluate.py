@@ -204,6 +204,7 @@ def cross_validate(
     spots_key: str = Key.SPOTS,
     spot_table_key: str = Key.SPOTS_COUNTS,
     min_spot_counts: float = 20,
+    keep_models: bool = False,
     show_progress_bar: bool = False,
 ) -> pd.DataFrame:
     """Cross-validate sCellST models and spot-level baselines on held-out spots, gene by gene.
@@ -237,6 +238,9 @@ def cross_validate(
         Random seed of the models and folds.
     shapes_key, table_key, spots_key, spot_table_key, min_spot_counts
         As in :func:`train`.
+    keep_models
+        Keep the fitted models in ``attrs['models']`` (``{(fold, name): model}``), e.g. to inspect CPNN's type
+        weights on each held-out slide.
     show_progress_bar
         Show the training progress bars.
 
@@ -246,6 +250,7 @@ def cross_validate(
     ``spearman``, ``rmse``, ``mae`` and ``train_seconds``.
     """
     from ._baselines import BASELINES, fit_predict_baseline
+    from ._models import default_lr
 
     if not isinstance(slides, Mapping):
         slides = {f"slide_{i}": s for i, s in enumerate(slides)}
@@ -272,7 +277,7 @@ def cross_validate(
     shared = _reference_genes(models) if genes is None else None
     if shared is not None:
         logger.info(f"Genes are selected among the {len(shared):,} genes measured by the CPNN reference(s)")
-    rows = []
+    rows, kept = [], {}
     for fold, train, test in _folds(prepared, scheme, n_folds, seed):
         fold_genes = rank_genes(
             [s.counts if shared is None else s.counts[:, s.counts.var_names.isin(shared)] for s in train],
@@ -288,9 +293,9 @@ def cross_validate(
         truth = lognorm(test.counts, fold_genes)
         predictions: dict[str, tuple[np.ndarray, float]] = {}
         for name, opts in models.items():
-            settings = FitSettings(
-                **{k: v for k, v in opts.items() if k in _SETTINGS_OPTIONS}, show_progress_bar=show_progress_bar
-            )
+            settings_kw = {k: v for k, v in opts.items() if k in _SETTINGS_OPTIONS}
+            settings_kw.setdefault("lr", default_lr(opts.get("model", "scellst")))
+            settings = FitSettings(**settings_kw, show_progress_bar=show_progress_bar)
             t0 = time.perf_counter()
             model = fit_slides(
                 train,
@@ -303,6 +308,8 @@ def cross_validate(
                 model.predict_spots(test.features, test.bags, test.spot_xy),
                 time.perf_counter() - t0,
             )
+            if keep_models:
+                kept[(fold, name)] = model
         for b in baselines:
             t0 = time.perf_counter()
             pred = fit_predict_baseline(b, train, test, fold_genes, seed=seed)
@@ -318,4 +325,7 @@ def cross_validate(
             f"{n} {metrics_per_gene(p, truth, fold_genes)['pearson'].mean():.3f}" for n, (p, _) in predictions.items()
         )
         logger.info(f"{fold}: mean Pearson over {len(fold_genes)} genes: {summary}")
-    return pd.concat(rows, ignore_index=True)
+    out = pd.concat(rows, ignore_index=True)
+    if keep_models:
+        out.attrs["models"] = kept
+    return out

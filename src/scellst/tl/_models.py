@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 # options each model accepts in ``model_params`` (beside the common training options)
 MODEL_OPTIONS: dict[str, set[str]] = {
     "scellst": set(),
-    "cpnn": {"layer"},
+    "cpnn": {"layer", "mixing"},
     "deepspot2cell": {"k_neighbors", "ensemble"},
     "miso": {"k_neighbors", "n_heads", "teacher_lr", "teacher_patience"},
 }
@@ -40,7 +40,7 @@ def model_options(model: str, model_params: Mapping[str, Any] | None) -> dict[st
             raise ValueError(
                 f"Unknown option(s) {unknown} for model {model!r}; it accepts {sorted(allowed) or 'none'}."
             )
-    opts = {k: v for k, v in spec.defaults.items() if k != "n_models"}
+    opts = {k: v for k, v in spec.defaults.items() if k not in ("n_models", "lr")}
     if model == "miso":
         opts.update(MISO_DEFAULTS)
     opts.update(params)
@@ -56,6 +56,13 @@ def default_n_models(model: str) -> int:
     from ..models._registry import get_model
 
     return int(get_model(model).defaults.get("n_models", 1))
+
+
+def default_lr(model: str) -> float:
+    """Learning rate when the user gives none (CPNN's softmax over types converges faster with 1e-3)."""
+    from ..models._registry import get_model
+
+    return float(get_model(model).defaults.get("lr", 1e-4))
 
 
 def reference_genes(reference: AnnData | None) -> set[str] | None:
@@ -123,8 +130,12 @@ def type_prototypes(
     return types, log_proto.astype(np.float32), rate_proto.astype(np.float32)
 
 
-def cpnn_setup(config: MILConfig, reference, groupby, genes, gene_scale, opts) -> tuple[MILConfig, dict]:
-    """Config and initial prototypes of a CPNN model (prototypes in the units of the loss's targets)."""
+def cpnn_setup(config: MILConfig, reference, groupby, genes, data, opts) -> tuple[MILConfig, dict]:
+    """Config and initial values of a CPNN model (prototypes in the units of the loss's targets).
+
+    When types are mixed as rates, each gene's gain starts at the ratio of the spots' mean rate to the types' mean
+    rate: references normalised over a small panel (Xenium) have rates far above those of whole-transcriptome spots.
+    """
     from ..models import COUNT_LOSSES
 
     if reference is None or groupby is None:
@@ -133,11 +144,24 @@ def cpnn_setup(config: MILConfig, reference, groupby, genes, gene_scale, opts) -
             "`groupby=<cell-type column>`."
         )
     types, log_proto, rate_proto = type_prototypes(reference, groupby, genes, layer=opts.get("layer"))
-    protos = rate_proto if config.loss in COUNT_LOSSES else log_proto / gene_scale[None, :]
-    config = replace(
-        config, architecture="cpnn", options={**config.options, "n_types": len(types), "cell_types": types}
-    )
-    return config, {"prototypes": protos}
+    mixing = opts.get("mixing", "rates")
+    init: dict[str, Any] = {}
+    gene_scale = data.slide_scale.mean(axis=0).astype(np.float32)
+    if mixing not in ("log", "rates"):
+        raise ValueError(f"CPNN `mixing` must be 'log' or 'rates', got {mixing!r}.")
+    if config.loss in COUNT_LOSSES or mixing == "rates":
+        protos = rate_proto
+        spot_rate = (data.counts / np.maximum(data.library, 1e-12)[:, None] * TARGET_SUM).mean(axis=0)
+        init["log_gain"] = np.log(np.maximum(spot_rate, 1e-6) / np.maximum(rate_proto.mean(axis=0), 1e-6))
+        if config.loss in COUNT_LOSSES:
+            mixing = "counts"
+        else:
+            init["scale"] = gene_scale
+    else:
+        protos = log_proto / gene_scale[None, :]
+    options = {**config.options, "n_types": len(types), "cell_types": types, "mixing": mixing}
+    config = replace(config, architecture="cpnn", options=options)
+    return config, {"prototypes": protos, **init}
 
 
 def calibrate(raw: np.ndarray, target: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

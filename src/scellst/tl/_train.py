@@ -533,7 +533,7 @@ def fit_slides(
     )
     init = None
     if model == "cpnn":
-        config, init = cpnn_setup(config, reference, groupby, genes, gene_scale, opts)
+        config, init = cpnn_setup(config, reference, groupby, genes, data, opts)
     ckdir = Path(checkpoint_dir) if checkpoint_dir is not None else None
     if ckdir is not None:
         ckdir.mkdir(parents=True, exist_ok=True)
@@ -632,7 +632,7 @@ def train(
     min_spot_counts: float = 20,
     hidden: Sequence[int] = (256, 256, 256),
     dropout: float = 0.0,
-    lr: float = 1e-4,
+    lr: float | None = None,
     weight_decay: float = 1e-4,
     batch_size: int = 8,
     max_epochs: int = 1000,
@@ -697,7 +697,7 @@ def train(
     hidden, dropout
         Hidden layer widths (paper: three of 256) and dropout.
     lr, weight_decay
-        AdamW learning rate and weight decay.
+        AdamW learning rate (``None``: 1e-3 for CPNN, 1e-4 for the others) and weight decay.
     batch_size
         Spots (bags) per optimisation step (ignored by ``"cosine"``, which uses one slide per step).
     max_epochs, patience
@@ -724,7 +724,7 @@ def train(
     loss curves of each member, ``model.params`` the settings and the filters applied).
     """
     from ..models import LOSSES
-    from ._models import model_options, reference_genes
+    from ._models import default_lr, model_options, reference_genes
 
     model_options(model, model_params)  # fail fast on an unknown model or option
 
@@ -760,7 +760,7 @@ def train(
         exclude_mt=exclude_mt,
     )
     settings = FitSettings(
-        lr=lr,
+        lr=default_lr(model) if lr is None else lr,
         weight_decay=weight_decay,
         batch_size=batch_size,
         max_epochs=max_epochs,
