@@ -173,12 +173,13 @@ def simulation(args, reference) -> None:
         secs = df.drop_duplicates("model").set_index("model")["train_seconds"]
         inst["train_s"] = secs
         inst = inst.reindex([m for m in MODEL_NAMES if m in inst.index])
-        inst.index = [MODEL_NAMES[m] for m in inst.index]
+        names = {**MODEL_NAMES, "miso": "MISO (student, cell level)", "deepspot2cell": "DeepSpot2Cell (3 members)"}
+        inst.index = [names[m] for m in inst.index]
         print(f"\nSimulation [{variant} / cell] {sim!r} ({time.perf_counter() - t0:.0f} s), instance-level Pearson:")
         print(inst.round(3).to_string())
         types = df.attrs["cpnn_types"]
-        consep = sim.cells.obs.loc[types.index, "class"].astype(str) if "class" in sim.cells.obs else None
-        if consep is not None:
+        consep = cells.obs["class"].astype(str).reindex(types.index)
+        if consep.notna().all():
             pred = types.map(TO_CONSEP)
             keep = consep != "other"
             acc = float((pred[keep] == consep[keep]).mean())
