@@ -18,3 +18,11 @@ def test_demo_refuses_to_overwrite(tmp_path):
 
     with pytest.raises(SystemExit, match="already exists"):
         main(["demo", "--out", str(tmp_path)])
+
+
+def test_demo_with_another_model(tmp_path):
+    results = run_demo(tmp_path / "demo", seed=0, size_um=(700.0, 700.0), shuffled_control=False, model="miso")
+    assert results["cell_pearson"] > 0.4
+    import scellst
+
+    assert scellst.tl.load_model(tmp_path / "demo" / "model.pt").model == "miso"

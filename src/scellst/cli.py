@@ -20,11 +20,13 @@ def run_demo(
     size_um: tuple[float, float] = (1600.0, 1600.0),
     overwrite: bool = False,
     shuffled_control: bool = True,
+    model: str = "scellst",
 ) -> dict[str, float]:
     """Synthetic tissue -> segment -> embed -> train -> predict; write a zarr store and a PNG; score the cells.
 
     Returns the figures it printed (mean cell-level Pearson against the true expression, and the same for a model
-    trained on shuffled embeddings when ``shuffled_control`` is set).
+    trained on shuffled embeddings when ``shuffled_control`` is set). ``model`` picks a model of the registry that
+    needs no reference (``"scellst"``, ``"deepspot2cell"``, ``"miso"``).
     """
     import matplotlib
 
@@ -43,9 +45,9 @@ def run_demo(
     pp.segment_nuclei(sdata)
     pp.assign_cells(sdata)
     tl.embed_cells(sdata)
-    model = tl.train(sdata, seed=seed)
-    tl.predict(sdata, model)
-    model.save(out / "model.pt")
+    trained = tl.train(sdata, model=model, seed=seed)
+    tl.predict(sdata, trained)
+    trained.save(out / "model.pt")
     cell_corr = tl.evaluate(sdata, level="cell")
     matched = cell_corr.attrs["matched_fraction"]
     spot_corr = tl.evaluate(sdata)
@@ -59,7 +61,7 @@ def run_demo(
         emb = sdata.tables["nuclei_embeddings"]
         original = emb.X.copy()
         emb.X = original[np.random.default_rng(seed).permutation(emb.n_obs)]
-        control = tl.train(sdata, seed=seed, show_progress_bar=False)
+        control = tl.train(sdata, model=model, seed=seed, show_progress_bar=False)
         tl.predict(sdata, control, key_added="shuffled_expression", spots_key=None)
         emb.X = original
         shuffled = tl.evaluate(sdata, level="cell", predicted_key="shuffled_expression")
@@ -71,12 +73,14 @@ def run_demo(
 
         shutil.rmtree(store)
     sdata.write(store)
-    genes = [g for g in ("EPCAM", "COL1A1", "PTPRC") if g in model.genes]
+    genes = [g for g in ("EPCAM", "COL1A1", "PTPRC") if g in trained.genes]
     pl.expression(sdata, genes, save=out / "expression.png")
     elapsed = time.perf_counter() - t0
 
     _echo("")
-    _echo("scellst demo: synthetic tissue -> segment_nuclei -> assign_cells -> embed_cells -> train -> predict")
+    _echo(
+        f"scellst demo: synthetic tissue -> segment_nuclei -> assign_cells -> embed_cells -> train({model!r}) -> predict"
+    )
     _echo(
         f"  cells: {sdata.tables['nuclei_expression'].n_obs:,} predicted, {100 * matched:.1f}% matched to a true cell"
     )
@@ -98,6 +102,12 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--overwrite", action="store_true", help="replace an existing demo store")
     demo.add_argument("--size-um", type=float, default=1600.0, help="side of the synthetic tissue in microns")
     demo.add_argument("--no-control", action="store_true", help="skip the shuffled-embedding control")
+    demo.add_argument(
+        "--model",
+        default="scellst",
+        choices=["scellst", "deepspot2cell", "miso"],
+        help="model to train (default: scellst; cpnn needs a single-cell reference)",
+    )
     args = parser.parse_args(argv)
     if args.command == "demo":
         run_demo(
@@ -106,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
             size_um=(args.size_um, args.size_um),
             overwrite=args.overwrite,
             shuffled_control=not args.no_control,
+            model=args.model,
         )
     return 0
 

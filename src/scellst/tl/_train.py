@@ -867,10 +867,15 @@ def predict(
     overwrite
         Replace existing tables with the same names.
 
+    Models that use a spot context (DeepSpot2Cell) take each cell's spot from ``obs['spot_id']`` and the spot
+    shapes; cells outside spots take the nearest spot, and on slides without spots they are grouped into virtual
+    spots by position. MISO's spot table comes from its spot-level attention model.
+
     Returns
     -------
     Nothing; adds ``sdata.tables[key_added]`` (cells x genes, log-normalised units; ``obs['cell_id']``,
     ``obs['spot_id']`` when assigned, ``obsm['spatial']`` centroids, ``layers['ensemble_std']`` for ensembles,
+    for CPNN ``obsm['cell_type_weights']`` (cells x reference types) and ``obs['predicted_type']``,
     provenance in ``uns['scellst']``) and, when spots are available, ``sdata.tables[spots_key_added]`` (spots x genes,
     annotating the spot shapes: the mean of each spot's cells, or ``log1p`` of their mean rate for count losses).
     """
