@@ -129,7 +129,9 @@ def her2st(args, reference) -> None:
     for col, types in TO_STEREOSCOPE.items():
         a = ours.reindex(columns=types, fill_value=0).sum(axis=1)
         b = theirs[col]
-        print(f"  {col:>13} ({'+'.join(types)}): Pearson {np.corrcoef(a, b)[0, 1]:.3f}, mean weight {a.mean():.3f} vs {b.mean():.3f}")
+        print(
+            f"  {col:>13} ({'+'.join(types)}): Pearson {np.corrcoef(a, b)[0, 1]:.3f}, mean weight {a.mean():.3f} vs {b.mean():.3f}"
+        )
     top_ours = ours.idxmax(axis=1).map(lambda t: next(k for k, v in TO_STEREOSCOPE.items() if t in v))
     agree = (top_ours == theirs[list(TO_STEREOSCOPE)].idxmax(axis=1)).mean()
     print(f"  dominant type agrees on {agree:.1%} of spots")
@@ -140,8 +142,9 @@ def her2st(args, reference) -> None:
 
 
 def simulation(args, reference) -> None:
-    import scellst
     from simulation import MATCH, cell_table
+
+    import scellst
 
     cells = cell_table("ssl")
     for variant in args.variants:

@@ -31,7 +31,9 @@ def reference(processed):
 @pytest.fixture(scope="module")
 def trained(processed, reference):
     opts = {"cpnn": {"reference": reference, "groupby": "cell_type"}}
-    return {m: scellst.tl.train(processed, model=m, **opts.get(m, {}), **FAST) for m in scellst.models.available_models()}
+    return {
+        m: scellst.tl.train(processed, model=m, **opts.get(m, {}), **FAST) for m in scellst.models.available_models()
+    }
 
 
 def _true_types(sdata) -> np.ndarray:
@@ -47,9 +49,9 @@ def _true_types(sdata) -> np.ndarray:
 
 def test_registry_lists_models_and_rejects_unknown(processed):
     assert scellst.models.available_models() == ["scellst", "cpnn", "deepspot2cell", "miso"]
-    with pytest.raises(ValueError, match="Unknown model 'hovernet'.*available models"):
+    with pytest.raises(ValueError, match=r"Unknown model 'hovernet'.*available models"):
         scellst.tl.train(processed, model="hovernet", **FAST)
-    with pytest.raises(ValueError, match="Unknown option.*'k'.*accepts"):
+    with pytest.raises(ValueError, match=r"Unknown option.*'k'.*accepts"):
         scellst.tl.train(processed, model="miso", model_params={"k": 3}, **FAST)
     with pytest.raises(ValueError, match="needs an annotated single-cell reference"):
         scellst.tl.train(processed, model="cpnn", **FAST)
@@ -57,19 +59,23 @@ def test_registry_lists_models_and_rejects_unknown(processed):
         scellst.models.register_model(scellst.models.get_model("scellst"))
 
 
-@pytest.mark.parametrize(("name", "cell_min"), [("scellst", 0.45), ("cpnn", 0.45), ("deepspot2cell", 0.4), ("miso", 0.45)])
+@pytest.mark.parametrize(
+    ("name", "cell_min"), [("scellst", 0.45), ("cpnn", 0.45), ("deepspot2cell", 0.4), ("miso", 0.45)]
+)
 def test_every_model_learns_single_cells(processed, trained, name, cell_min):
     model = trained[name]
     sdata = fresh_copy(processed)
     scellst.tl.predict(sdata, model)
     cells = sdata.tables["nuclei_expression"]
-    assert cells.n_obs == len(sdata.shapes["nuclei"]) and list(cells.var_names) == model.genes
+    assert cells.n_obs == len(sdata.shapes["nuclei"])
+    assert list(cells.var_names) == model.genes
     assert np.isfinite(cells.X).all()
     cell = scellst.tl.evaluate(sdata, level="cell")["pearson"].mean()
     spot = scellst.tl.evaluate(sdata)["pearson"].mean()
     assert cell > cell_min, (name, cell)
     assert spot > 0.6, (name, spot)
-    assert model.model == name and model.params["model"] == name
+    assert model.model == name
+    assert model.params["model"] == name
 
 
 def test_shuffled_spot_labels_learn_nothing(processed):
@@ -88,7 +94,8 @@ def test_save_load_gives_the_same_predictions(processed, trained, tmp_path):
         path = tmp_path / f"{name}.pt"
         model.save(path)
         loaded = scellst.tl.load_model(path)
-        assert loaded.model == name and loaded.n_models == model.n_models
+        assert loaded.model == name
+        assert loaded.n_models == model.n_models
         a, b = fresh_copy(processed), fresh_copy(processed)
         scellst.tl.predict(a, model)
         scellst.tl.predict(b, path)
@@ -131,7 +138,8 @@ def test_cpnn_reference_errors(processed, reference):
 
 def test_deepspot2cell_ensemble_and_context(processed, trained):
     model = trained["deepspot2cell"]
-    assert model.n_models == 3 and model.config.options["ensemble"] == "median"
+    assert model.n_models == 3
+    assert model.config.options["ensemble"] == "median"
     assert model.needs_context
     # an H&E-only slide (no spots): cells get virtual spots from their positions
     sdata = fresh_copy(processed)
@@ -147,7 +155,8 @@ def test_deepspot2cell_ensemble_and_context(processed, trained):
 
 def test_miso_teacher_and_student(processed, trained):
     model = trained["miso"]
-    assert len(model.teachers) == 1 and model.config.architecture == "scellst"
+    assert len(model.teachers) == 1
+    assert model.config.architecture == "scellst"
     assert model.extras["teacher_config"]["options"]["k_neighbors"] == 36
     slide = scellst.tl._train.prepare_slide(processed)
     teacher = model.predict_spots(slide.features, slide.bags, slide.spot_xy)
@@ -181,9 +190,10 @@ def test_cross_validate_and_simulation_run_every_model(processed, reference):
 def test_context_helpers():
     rng = np.random.default_rng(0)
     xy = rng.random((2000, 2)) * 100
-    bags, centres = virtual_bags(xy, 20)
+    bags, _centres = virtual_bags(xy, 20)
     sizes = np.array([len(b) for b in bags])
-    assert sizes.sum() == 2000 and 10 <= np.mean(sizes) <= 40
+    assert sizes.sum() == 2000
+    assert 10 <= np.mean(sizes) <= 40
     assert len(np.unique(np.concatenate(bags))) == 2000
     spot_xy = np.array([[0.0, 0], [1, 0], [10, 0], [11, 0], [0, 0]])
     nbr = spot_neighbors(spot_xy, 2, groups=np.array([0, 0, 1, 1, 2]))
@@ -191,7 +201,9 @@ def test_context_helpers():
     np.testing.assert_array_equal(nbr[:, 1], [1, 0, 3, 2, 4])  # within slides; a lone spot repeats itself
     x = np.arange(12, dtype=np.float32).reshape(6, 2)
     np.testing.assert_allclose(spot_means(x, [np.array([0, 1]), np.array([5])]), [[1, 2], [10, 11]])
-    ctx = SpotContext(bags=[np.array([0, 1])], spot_xy=np.array([[0.0, 0]]), cell_xy=np.array([[0.0, 0], [1, 0], [5, 5]]))
+    ctx = SpotContext(
+        bags=[np.array([0, 1])], spot_xy=np.array([[0.0, 0]]), cell_xy=np.array([[0.0, 0], [1, 0], [5, 5]])
+    )
     spot_of, _, _ = cell_spots(3, ctx, cells_per_spot=2)
     np.testing.assert_array_equal(spot_of, [0, 0, 0])  # the unassigned cell takes its nearest spot
     with pytest.raises(ValueError, match="at least 1"):

@@ -1,5 +1,6 @@
 """Torch models. Importing this namespace does not import torch; building or running a model does."""
 
+from ._context import SpotContext
 from ._encoders import (
     ARCHITECTURES,
     CellEncoder,
@@ -10,7 +11,6 @@ from ._encoders import (
     encoder_from_weights,
     random_encoder,
 )
-from ._context import SpotContext
 from ._losses import COUNT_LOSSES, LOSSES
 from ._mil import MILConfig, ScellstModel, bag_mean, build_network, inverse_softplus
 from ._registry import ModelSpec, available_models, get_model, register_model

@@ -139,7 +139,7 @@ def cell_spots(
         _, nearest = cKDTree(spot_xy).query(cell_xy[missing], k=1)
         spot_of[missing] = nearest
     elif len(missing) and cell_xy is not None and context.bags is not None and len(context.bags):
-        extra, extra_xy = virtual_bags(cell_xy[missing], cells_per_spot)
+        extra, _extra_xy = virtual_bags(cell_xy[missing], cells_per_spot)
         base = len(bags)
         for j, b in enumerate(extra):
             spot_of[missing[b]] = base + j

@@ -69,9 +69,7 @@ class CPNNNet(_Head):
     cells.
     """
 
-    def __init__(
-        self, config, output_bias=None, output_scale=None, prototypes=None, scale=None, log_gain=None
-    ) -> None:
+    def __init__(self, config, output_bias=None, output_scale=None, prototypes=None, scale=None, log_gain=None) -> None:
         super().__init__()
         n_types = int(config.options["n_types"])
         self.mixing = config.options.get("mixing", "log")

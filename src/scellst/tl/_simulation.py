@@ -356,6 +356,7 @@ def benchmark_simulation(
     CPNN, ``attrs['cpnn_types']`` (the argmax reference type of every test cell) and ``attrs['cpnn_weights']``.
     """
     from ..models import SpotContext
+
     cells, spots = sim.cells, sim.spots
     train_cells = cells.obs["split"].to_numpy() == "train"
     test_cells = ~train_cells
