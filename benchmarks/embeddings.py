@@ -115,13 +115,20 @@ def gallery(sdata, key: str, out: Path, n_queries: int = 8, k: int = 7) -> None:
 
 
 def her2st(
-    epochs: int, max_cells: int, n_genes: int, seeds: list[int], reuse: bool, methods: list[str], n_models: int = 1
+    epochs: int,
+    max_cells: int,
+    n_genes: int,
+    seeds: list[int],
+    reuse: bool,
+    methods: list[str],
+    n_models: int = 1,
+    tag: str = "",
 ) -> None:
     import scellst
 
     sections = ["C2", "C3", "C4", "C5"]
     slides = {s: her2st_section(s) for s in sections}
-    enc_path = CACHE / "ssl_her2st.pt"
+    enc_path = CACHE / (f"ssl_her2st_{tag}.pt" if tag else "ssl_her2st.pt")
     if not (reuse and enc_path.exists()):
         t = time.perf_counter()
         for p in (enc_path, Path(str(enc_path) + ".ckpt")):  # a fresh run, even after an interrupted one
@@ -134,6 +141,8 @@ def her2st(
     print(f"{'embedding':>20} {'seed':>5} {'Pearson':>8} {'Spearman':>9} {'embed s (4 sections)':>21}", flush=True)
     for method in methods:
         key = "nuclei_embeddings" if method == "morphology" else f"nuclei_{method}"
+        if method == "ssl" and tag:
+            key = f"nuclei_ssl_{tag}"
         dt = 0.0
         if method != "morphology" and not (reuse and all(key in s.tables for s in slides.values())):
             for s in slides.values():
@@ -199,13 +208,23 @@ def main() -> None:
     parser.add_argument("--reuse", action="store_true", help="reuse the HER2ST encoder and embedding tables")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--n-models", type=int, default=1, help="MIL ensemble size on HER2ST")
+    parser.add_argument(
+        "--ssl-tag", default="", help="name a separate HER2ST encoder and table (e.g. a longer run beside the default)"
+    )
     args = parser.parse_args()
     CACHE.mkdir(parents=True, exist_ok=True)
     if not args.skip_consep:
         consep(args.consep_epochs)
     if not args.skip_her2st:
         her2st(
-            args.her2st_epochs, args.her2st_max_cells, args.n_genes, args.seeds, args.reuse, args.methods, args.n_models
+            args.her2st_epochs,
+            args.her2st_max_cells,
+            args.n_genes,
+            args.seeds,
+            args.reuse,
+            args.methods,
+            args.n_models,
+            args.ssl_tag,
         )
     if not args.skip_throughput:
         throughput()
