@@ -142,17 +142,13 @@ def her2st(args, reference) -> None:
 
 
 def simulation(args, reference) -> None:
-    from simulation import MATCH, cell_table
+    from simulation import cell_table, variant_cells
 
     import scellst
 
     cells = cell_table("ssl")
     for variant in args.variants:
-        if variant == "classes":
-            sub = cells[cells.obs["class"].astype(str) != "other"].copy()
-            kw = {"groupby": "class", "matching": MATCH}
-        else:
-            sub, kw = cells, {"groupby": None, "matching": "arbitrary", "n_clusters": 9}
+        sub, kw = variant_cells(cells, variant)
         sim = scellst.tl.simulate_spots(
             sub,
             reference,

@@ -51,6 +51,13 @@ def cell_table(embedding: str):
     return table
 
 
+def variant_cells(cells, variant: str):
+    """The cells and grouping of a variant: CoNSeP classes (without "other") or 9 k-means clusters (the paper's)."""
+    if variant == "classes":
+        return cells[cells.obs["class"].astype(str) != "other"].copy(), {"groupby": "class", "matching": MATCH}
+    return cells, {"groupby": None, "matching": "arbitrary", "n_clusters": 9}
+
+
 def main() -> None:
     import scellst
 
@@ -82,11 +89,7 @@ def main() -> None:
         comp = {"composition_alpha": float(args.composition)}
     rows = []
     for variant in args.variants:
-        if variant == "classes":
-            sub = cells[cells.obs["class"].astype(str) != "other"].copy()
-            kw = {"groupby": "class", "matching": MATCH}
-        else:
-            sub, kw = cells, {"groupby": None, "matching": "arbitrary", "n_clusters": 9}
+        sub, kw = variant_cells(cells, variant)
         for scenario in args.scenarios:
             t0 = time.perf_counter()
             sim = scellst.tl.simulate_spots(
