@@ -178,7 +178,9 @@ class TrainingData:
 
     def spot_features(self) -> np.ndarray:
         """Mean standardised cell feature of each spot (for spot-level baselines)."""
-        return np.stack([self.x[b].mean(axis=0) for b in self.bags])
+        from ..models._context import spot_means
+
+        return spot_means(self.x, self.bags)
 
 
 def build_training_data(slides: Sequence[Slide], genes: Sequence[str], embedding_scaling: str) -> TrainingData:
