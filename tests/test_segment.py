@@ -87,3 +87,63 @@ def test_segmentation_on_real_monuseg(data_dir):
     hit = pred[com[:, 0].astype(int), com[:, 1].astype(int)]
     recall = (hit > 0).mean()
     assert recall > 0.6
+
+
+def test_hematoxylin_lookup_table_matches_skimage():
+    from skimage.color import rgb2hed
+
+    from scellst.pp._segment import _hematoxylin
+
+    rgb = np.random.default_rng(0).integers(0, 256, size=(64, 64, 3), dtype=np.uint8)
+    expected = np.maximum(rgb2hed(rgb)[..., 0], 0)
+    np.testing.assert_allclose(_hematoxylin(rgb), expected, atol=1e-5)
+
+
+def test_local_maxima_gives_one_seed_per_plateau():
+    from scellst.pp._segment import _local_maxima
+
+    score = np.zeros((40, 40), dtype=np.float32)
+    score[5:8, 5:8] = 2.0  # a flat maximum
+    score[30, 30] = 1.0
+    score[31, 33] = 0.5  # within the window of the stronger peak
+    peaks = _local_maxima(score, 7, score > 0)
+    assert sorted(map(tuple, peaks)) == [(6, 6), (30, 30)]
+    assert len(_local_maxima(score, 7, (score > 0) & (score < 1.5))) == 1  # the mask removes the plateau
+
+
+def _stained_disc_image(centres, radius_px, size=80, pale_halo_px=0):
+    """A pink background with haematoxylin-dark discs (and optionally a pale purple halo around them)."""
+    yy, xx = np.mgrid[:size, :size]
+    img = np.empty((size, size, 3), dtype=np.uint8)
+    img[:] = (235, 170, 200)
+    for cy, cx in centres:
+        d = np.hypot(yy - cy, xx - cx)
+        if pale_halo_px:
+            img[d <= radius_px + pale_halo_px] = (175, 130, 190)
+    for cy, cx in centres:
+        img[np.hypot(yy - cy, xx - cx) <= radius_px] = (70, 40, 130)
+    return img
+
+
+def test_classical_seeds_split_touching_nuclei_without_a_neck():
+    from scellst.pp._segment import ClassicalParams, _hematoxylin, segment_tile
+
+    # two dark discs of radius 3.5 um at 0.5 um/px whose centres are 6.5 um apart: their union has almost no neck
+    img = _stained_disc_image([(40, 27), (40, 40)], radius_px=7)
+    thr = float(np.quantile(_hematoxylin(img), 0.7))
+    labels = segment_tile(img, microns_per_pixel=0.5, threshold=thr, params=ClassicalParams())
+    assert len(np.unique(labels)) - 1 == 2
+    assert labels[40, 24] != labels[40, 43]
+
+
+def test_refine_trims_pale_cytoplasm_around_a_nucleus():
+    from scellst.pp._segment import _hematoxylin, refine_nuclei
+
+    img = _stained_disc_image([(40, 40)], radius_px=8, pale_halo_px=6)
+    hema = _hematoxylin(img)
+    labels = (np.hypot(*(np.mgrid[:80, :80] - 40)) <= 14).astype(np.int32)  # nucleus + halo, as a low threshold gives
+    refined = refine_nuclei(labels, hema, level=0.6, ring_px=3)
+    disc = np.pi * 8**2
+    assert labels.sum() > 2.5 * disc
+    assert refined.sum() == pytest.approx(disc, rel=0.15)
+    assert set(np.unique(refined)) == {0, 1}

@@ -74,8 +74,9 @@ def estimate_threshold(
 ) -> float:
     """Otsu threshold of the smoothed haematoxylin channel over patches sampled in the tissue.
 
-    The tissue is found on a coarse view (non-white pixels); patches are read at full resolution and resampled to
-    the working resolution, so the threshold matches what each tile sees, and one threshold serves every tile.
+    The tissue is found on a coarse view (non-white pixels); ``n_patches`` patches of 128 um are read at full
+    resolution and resampled to the working resolution, so the threshold matches what each tile sees, and one
+    threshold serves every tile. An image smaller than the patches together is used whole.
     """
     from skimage.filters import gaussian, threshold_otsu
 
@@ -93,15 +94,17 @@ def estimate_threshold(
             "values in 0-255?"
         )
     rng = np.random.default_rng(seed)
-    pick = rng.choice(len(ys), size=min(n_patches, len(ys)), replace=False)
     patch = max(64, int(round(128 / microns_per_pixel)))
+    if h * w <= n_patches * patch**2:  # a small image: use all of it once rather than overlapping patches
+        boxes = [(0, h, 0, w)]
+    else:
+        boxes = []
+        for i in rng.choice(len(ys), size=min(n_patches, len(ys)), replace=False):
+            y0, x0 = max(ys[i] * step - patch // 2, 0), max(xs[i] * step - patch // 2, 0)
+            boxes.append((y0, min(y0 + patch, h), x0, min(x0 + patch, w)))
     values = []
-    for i in pick:
-        cy, cx = ys[i] * step, xs[i] * step
-        y0, x0 = max(cy - patch // 2, 0), max(cx - patch // 2, 0)
-        rgb = resample_rgb(
-            image_rgb_tile(arr, y0, min(y0 + patch, h), x0, min(x0 + patch, w)), work / microns_per_pixel
-        )
+    for y0, y1, x0, x1 in boxes:
+        rgb = resample_rgb(image_rgb_tile(arr, y0, y1, x0, x1), work / microns_per_pixel)
         hema = gaussian(_hematoxylin(rgb), sigma=max(0.4 / work, 0.5))
         values.append(hema[rgb.mean(axis=-1) < 215])
     values = np.concatenate(values)
@@ -187,7 +190,7 @@ def segment_tile(rgb: np.ndarray, *, microns_per_pixel: float, threshold: float,
     if not fg.any():
         return np.zeros(fg.shape, dtype=np.int32)
     blob = -ndi.gaussian_laplace(raw, sigma=max(params.seed_sigma_um / mpp, 1.0))
-    seeds = _local_maxima(blob, 2 * max(int(round(params.min_distance_um / mpp)), 1) + 1, fg)
+    seeds = _local_maxima(blob, 2 * max(int(round(params.min_distance_um / mpp)), 1) + 1, fg & (blob > 0))
     markers = np.zeros(fg.shape, dtype=np.int32)
     markers[tuple(seeds.T)] = np.arange(1, len(seeds) + 1)
     labels = watershed(-hema, markers, mask=fg)
@@ -465,8 +468,20 @@ def segment_nuclei(
     segmenter = _make_segmenter(
         method, weights=weights, params=params, threshold=threshold, working_mpp=working_mpp, arr0=arr0, mpp=mpp
     )
-    target = max(segmenter.working_mpp / mpp, 1.0)  # downscale factor from level 0
-    arr, level_factor = max(((a, f) for a, f in levels if f <= target * 1.01), key=lambda t: t[1])
+    # downscale factor from level 0; a trained model also upsamples coarser images, so that nuclei have the size in
+    # pixels it learnt (the classical method works in microns at any resolution, so it never upsamples)
+    target = segmenter.working_mpp / mpp
+    if isinstance(segmenter, ClassicalSegmenter) or target > 1:
+        target = max(target, 1.0)
+    elif target < 0.8:
+        logger.info(
+            f"The image ({mpp:.3f} um/px) is coarser than the model's working resolution "
+            f"({segmenter.working_mpp} um/px); tiles are upsampled by {1 / target:.2f}."
+        )
+        tile_size = max(256, int(tile_size * target))  # the upsampled tile keeps about tile_size pixels a side
+    else:
+        target = 1.0  # within 25 %: not worth resampling
+    arr, level_factor = max(((a, f) for a, f in levels if f <= max(target, 1.0) * 1.01), key=lambda t: t[1])
     residual = target / level_factor
     _, lh, lw = arr.shape
     margin = int(np.ceil(margin_um / (mpp * level_factor)))
