@@ -60,6 +60,10 @@ def test_segmenter_input_errors(tissue):
         scellst.tl.train_segmenter([img], [], microns_per_pixel=0.5)
     with pytest.raises(ValueError, match="mask shape"):
         scellst.tl.train_segmenter([img], [np.zeros((40, 40), int)], microns_per_pixel=0.5)
+    with pytest.raises(ValueError, match="one value per image"):
+        scellst.tl.train_segmenter([img], [np.zeros((50, 50), int)], microns_per_pixel=[0.5, 0.5])
+    with pytest.raises(ValueError, match="um/px"):
+        scellst.tl.train_segmenter([img], [np.zeros((50, 50), int)], microns_per_pixel=250)  # nm, not um
     from .conftest import fresh_copy
 
     sdata = fresh_copy(tissue)
@@ -105,3 +109,63 @@ def test_resample_labels_keeps_ids():
     up = resample_labels(lab, (20, 20))
     assert set(np.unique(up)) == {0, 3}
     assert (up == 3).sum() == 64
+
+
+def test_unet_post_processing_options(small_model, tissue):
+    from scellst.models import NucleusUNet
+
+    path, model = small_model
+    # thresholds were calibrated on the training image, within the searched grid, and saved with the model
+    assert model.config.foreground_threshold in (0.4, 0.5, 0.6)
+    assert model.config.seed_threshold in (0.3, 0.4, 0.5, 0.6, 0.7)
+    loaded = NucleusUNet.load(path)
+    assert loaded.config == model.config
+    rgb = np.moveaxis(np.asarray(tissue.images["he"]["scale0"].image[:, :200, :200]), 0, -1)
+    plain = model.predict_maps(rgb)
+    flipped = model.predict_maps(rgb, tta=True)
+    assert plain.shape == flipped.shape == (2 + model.config.n_classes, 200, 200)
+    assert not np.allclose(plain, flipped)
+    assert np.corrcoef(plain[0].ravel(), flipped[0].ravel())[0, 1] > 0.9
+    loose, _ = model.instances(plain, foreground_threshold=0.05)
+    strict, _ = model.instances(plain, foreground_threshold=0.95)
+    assert (loose > 0).sum() > (strict > 0).sum()
+
+
+def test_model_upsamples_coarser_images(tissue):
+    """A model working at 0.5 um/px applied to a 1 um/px image: tiles are upsampled, nuclei land in the right place.
+
+    The model is a stand-in whose ``segment`` thresholds dark pixels, so only the engine's resampling and frames are
+    under test: the coarse image must give the same nuclei as its own 2x upsampled copy declared at 0.5 um/px.
+    """
+    from scipy import ndimage as ndi
+    from scipy.spatial import cKDTree
+
+    from scellst._utils import shapes_centroids
+    from scellst.models import NucleusUNet, UNetConfig
+    from scellst.pp._segment import _pyramid
+    from scellst.tl._segmenter import resample_rgb
+
+    seen = []
+
+    class DarkPixels(NucleusUNet):
+        def segment(self, rgb):
+            seen.append(rgb.shape)
+            return ndi.label(ndi.gaussian_filter(rgb.mean(axis=-1), 2) < 160)[0].astype(np.int32), None
+
+    model = DarkPixels(config=UNetConfig(microns_per_pixel=0.5), state_dict={})
+    full = np.moveaxis(np.asarray(_pyramid(tissue, "he")[0][0][:, :800, :800]), 0, -1)
+    coarse = full.reshape(400, 2, 400, 2, 3).mean(axis=(1, 3)).astype(np.uint8)
+    a = scellst.io.from_image(resample_rgb(coarse, 0.5), microns_per_pixel=0.5)
+    b = scellst.io.from_image(coarse, microns_per_pixel=1.0)
+    scellst.pp.segment_nuclei(a, method=model, show_progress_bar=False, labels_key_added="")
+    seen.clear()
+    scellst.pp.segment_nuclei(b, method=model, show_progress_bar=False, labels_key_added="")
+    assert max(shape[0] for shape in seen) > 600  # the 400 px image reached the model at about 800 px
+    ca = (shapes_centroids(a.shapes["nuclei"]) + 0.5) * 0.5  # microns from the image corner (pixel centres at i)
+    cb = (shapes_centroids(b.shapes["nuclei"]) + 0.5) * 1.0
+    assert len(ca) > 30
+    assert len(cb) == pytest.approx(len(ca), rel=0.05)
+    d, _ = cKDTree(ca).query(cb)
+    assert np.quantile(d, 0.9) < 0.3
+    ratio = b.shapes["nuclei"]["area_um2"].sum() / a.shapes["nuclei"]["area_um2"].sum()
+    assert ratio == pytest.approx(1.0, abs=0.05)

@@ -22,6 +22,7 @@ class UNetConfig:
     min_area_um2: float = 8.0
     foreground_threshold: float = 0.5
     seed_threshold: float = 0.5  # distance-map level that seeds one nucleus
+    tta: bool = False  # average the outputs over the four flips of the input
 
 
 def build_unet(config: UNetConfig):
@@ -90,28 +91,49 @@ class NucleusUNet:
             self._net = net
         return self._net
 
-    def predict_maps(self, rgb: np.ndarray) -> np.ndarray:
-        """Network outputs ``(2 + n_classes, y, x)`` for an RGB image at the working resolution."""
+    def predict_maps(self, rgb: np.ndarray, *, tta: bool | None = None) -> np.ndarray:
+        """Network outputs (logits) ``(2 + n_classes, y, x)`` for an RGB image at the working resolution.
+
+        With ``tta`` (default: ``config.tta``) the outputs are averaged over the image and its three flips.
+        """
         import torch
 
+        tta = self.config.tta if tta is None else tta
         h, w = rgb.shape[:2]
         m = 2**self.config.depth
         ph, pw = (-h) % m, (-w) % m
-        x = np.pad(normalise_rgb(rgb), ((0, 0), (0, ph), (0, pw)), mode="reflect")
+        x = torch.from_numpy(np.pad(normalise_rgb(rgb), ((0, 0), (0, ph), (0, pw)), mode="reflect"))[None]
+        flips = [(), (-1,), (-2,), (-2, -1)] if tta else [()]
+        outs = []
         with torch.no_grad():
-            out = self.network(torch.from_numpy(x)[None])[0].numpy()
-        return out[:, :h, :w]
+            for f in flips:
+                y = self.network(torch.flip(x, f) if f else x)
+                outs.append(torch.flip(y, f) if f else y)
+        return torch.stack(outs).mean(0)[0].numpy()[:, :h, :w]
 
     def segment(self, rgb: np.ndarray) -> tuple[np.ndarray, dict[int, int] | None]:
         """Instance labels (and the class of each instance, when the model has classes) at the working resolution."""
+        return self.instances(self.predict_maps(rgb))
+
+    def instances(
+        self, maps: np.ndarray, *, foreground_threshold: float | None = None, seed_threshold: float | None = None
+    ) -> tuple[np.ndarray, dict[int, int] | None]:
+        """Nuclei from the network outputs (logits from :meth:`predict_maps`).
+
+        Seeds are where the distance map passes ``seed_threshold``; they grow by a watershed of the distance map over
+        the foreground (probability above ``foreground_threshold``). Both default to the model's thresholds, which
+        :func:`scellst.tl.train_segmenter` calibrates on its training images.
+        """
         from scipy import ndimage as ndi
         from skimage.segmentation import watershed
 
-        out = self.predict_maps(rgb)
-        fg = 1 / (1 + np.exp(-out[0])) > self.config.foreground_threshold
-        dist = 1 / (1 + np.exp(-out[1]))
-        min_px = max(self.config.min_area_um2 / self.config.microns_per_pixel**2, 4)
-        markers, _ = ndi.label((dist > self.config.seed_threshold) & fg)
+        cfg = self.config
+        fg_thr = cfg.foreground_threshold if foreground_threshold is None else foreground_threshold
+        seed_thr = cfg.seed_threshold if seed_threshold is None else seed_threshold
+        fg = 1 / (1 + np.exp(-maps[0])) > fg_thr
+        dist = 1 / (1 + np.exp(-maps[1]))
+        min_px = max(cfg.min_area_um2 / cfg.microns_per_pixel**2, 4)
+        markers, _ = ndi.label((dist > seed_thr) & fg)
         sizes = np.bincount(markers.ravel())
         small = sizes < max(min_px / 8, 2)
         small[0] = False
@@ -124,8 +146,8 @@ class NucleusUNet:
         tiny[0] = False
         labels[tiny[labels]] = 0
         classes = None
-        if self.config.n_classes:
-            cls = out[2:].argmax(axis=0) + 1
+        if cfg.n_classes:
+            cls = maps[2:].argmax(axis=0) + 1
             classes = {}
             for i, sl in enumerate(ndi.find_objects(labels), start=1):
                 if sl is None:

@@ -12,7 +12,10 @@ from .._logging import logger
 
 
 def resample_rgb(rgb: np.ndarray, factor: float) -> np.ndarray:
-    """Downscale an RGB image by ``factor`` (>= 1: block mean for integers, anti-aliased otherwise)."""
+    """Resample an RGB image by ``1 / factor`` (``factor > 1`` downscales).
+
+    Integer factors take block means; other downscaling is anti-aliased, upsampling (``factor < 1``) bilinear.
+    """
     if abs(factor - 1) < 1e-3:
         return rgb
     from skimage.transform import downscale_local_mean, rescale
@@ -49,6 +52,22 @@ def _targets(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return fg.astype(np.float32), dist
 
 
+def stain_jitter(od: np.ndarray, rng: np.random.Generator, *, scale: float = 0.25, shift: float = 0.05) -> np.ndarray:
+    """Random H&E stain variation of an optical-density crop ``(3, y, x)``.
+
+    The crop is deconvolved into haematoxylin, eosin and residual concentrations (Ruifrok-Johnston), each is scaled
+    by a factor in ``1 +- scale`` and shifted by up to ``+- shift``, and the result is mixed back; one linear map per
+    crop, so it is cheap. This mimics differences between labs and scanners.
+    """
+    from skimage.color import hed_from_rgb, rgb_from_hed
+
+    gain = rng.uniform(1 - scale, 1 + scale, size=3)
+    offset = rng.uniform(-shift, shift, size=3)
+    mix = (hed_from_rgb * gain) @ rgb_from_hed  # od_row @ mix: to concentrations, scaled, back to optical density
+    bias = offset @ rgb_from_hed
+    return np.einsum("cyx,cd->dyx", od, mix) + bias[:, None, None]
+
+
 def _load(image: Any) -> np.ndarray:
     if isinstance(image, str | Path):
         from skimage.io import imread
@@ -68,20 +87,24 @@ def train_segmenter(
     classes: Sequence[np.ndarray] | None = None,
     class_names: Sequence[str] | None = None,
     out: str | Path | None = None,
-    working_mpp: float = 0.5,
+    working_mpp: float | None = None,
     crop_size: int = 128,
     batch_size: int = 8,
     n_steps: int = 1500,
     lr: float = 2e-3,
     base_channels: int = 16,
+    depth: int = 3,
+    calibrate: bool = True,
+    tta: bool = False,
     seed: int = 0,
     show_progress_bar: bool = True,
 ):
     """Train a compact U-Net that predicts nucleus foreground, a distance-to-border map and optionally classes.
 
     Nuclei are then separated by a watershed on the predicted distance map. Training works at ``working_mpp``
-    (images and masks are resampled), with random crops, flips, 90-degree rotations and stain jitter in optical
-    density space. Masks can come from manual annotations or from Xenium nucleus boundaries registered to the H&E
+    (images and masks are resampled), with random crops (every pixel of the training set equally likely), flips,
+    90-degree rotations and H&E stain jitter (:func:`stain_jitter`). Masks can come from manual annotations or from
+    Xenium nucleus boundaries registered to the H&E
     (rasterised with the image's geometry).
 
     Parameters
@@ -99,12 +122,21 @@ def train_segmenter(
     out
         Where to save the model (``segment_nuclei(method=out)`` then uses it).
     working_mpp
-        Resolution the network works at, in microns per pixel.
+        Resolution the network works at, in microns per pixel; ``None`` keeps the training images' own (their
+        median). The model is applied at this resolution: finer slides are downsampled, coarser ones upsampled.
     crop_size, batch_size, n_steps, lr
         Training crops (pixels at the working resolution), crops per step, optimisation steps and AdamW learning
         rate (cosine decay).
     base_channels
-        Width of the first U-Net level (doubles at each of the 3 levels).
+        Width of the first U-Net level (doubles at each level).
+    depth
+        Number of down-sampling levels.
+    calibrate
+        After training, choose the foreground and seed thresholds of the post-processing that give the best AJI on
+        the training images (a few megapixels of them); otherwise keep 0.5 / 0.5.
+    tta
+        Make the saved model average its outputs over flips of the input (about 4x slower, usually a little more
+        accurate); can be changed later through ``model.config.tta``.
     seed
         Random seed.
     show_progress_bar
@@ -124,9 +156,14 @@ def train_segmenter(
     if classes is not None and len(classes) != len(images):
         raise ValueError("`classes` needs one class map per image.")
     mpps = [float(microns_per_pixel)] * len(images) if np.isscalar(microns_per_pixel) else list(microns_per_pixel)
+    if len(mpps) != len(images) or not all(0 < m < 5 for m in mpps):
+        raise ValueError(
+            f"`microns_per_pixel` needs one value per image (or one for all), each in (0, 5) um/px; got {mpps}."
+        )
+    working_mpp = float(np.median(mpps)) if working_mpp is None else float(working_mpp)
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
-    data = []
+    data, held = [], []
     for i, (img, mask) in enumerate(zip(images, masks, strict=True)):
         rgb = _load(img)
         mask = np.asarray(mask)
@@ -142,10 +179,16 @@ def train_segmenter(
             fg, dist = np.pad(fg, ((0, pad), (0, pad))), np.pad(dist, ((0, pad), (0, pad)))
             cls = None if cls is None else np.pad(cls, ((0, pad), (0, pad)))
         data.append((normalise_rgb(rgb), fg, dist, cls))
+        held.append((rgb[: lab.shape[0], : lab.shape[1]], lab))  # unpadded, to calibrate
     n_classes = int(max(int(c.max()) for *_, c in data)) if classes is not None else 0
     names = list(class_names) if class_names is not None else [str(k) for k in range(1, n_classes + 1)]
     config = UNetConfig(
-        base_channels=base_channels, n_classes=n_classes, class_names=names, microns_per_pixel=working_mpp
+        base_channels=base_channels,
+        depth=depth,
+        n_classes=n_classes,
+        class_names=names,
+        microns_per_pixel=working_mpp,
+        tta=tta,
     )
     net = build_unet(config)
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
@@ -153,8 +196,10 @@ def train_segmenter(
     bce = torch.nn.BCEWithLogitsLoss()
     ce = torch.nn.CrossEntropyLoss(ignore_index=-1)
 
+    area = np.array([f.size for _, f, _, _ in data], dtype=float)
+
     def sample():
-        x, f, d, c = data[rng.integers(len(data))]
+        x, f, d, c = data[rng.choice(len(data), p=area / area.sum())]  # every pixel equally likely
         h, w = f.shape
         y0, x0 = rng.integers(0, h - crop_size + 1), rng.integers(0, w - crop_size + 1)
         sl = (slice(y0, y0 + crop_size), slice(x0, x0 + crop_size))
@@ -167,7 +212,7 @@ def train_segmenter(
             a = np.rot90(a, k, axes=axes)
             return np.flip(a, axis=axes[1]) if flip else a
 
-        x = aug(x, (1, 2)) * rng.uniform(0.85, 1.15, size=(3, 1, 1)) + rng.normal(0, 0.03, size=(3, 1, 1))
+        x = stain_jitter(aug(x, (1, 2)), rng)
         return (
             np.ascontiguousarray(x, dtype=np.float32),
             np.ascontiguousarray(aug(f, (0, 1))),
@@ -200,7 +245,39 @@ def train_segmenter(
     model = NucleusUNet(
         config=config, state_dict={k: v.detach().clone() for k, v in net.state_dict().items()}, history=history
     )
+    if calibrate:
+        _calibrate_thresholds(model, held)
     if out is not None:
         model.save(out)
         logger.info(f"Saved the segmentation model to {out}")
     return model
+
+
+def _calibrate_thresholds(model, held: list[tuple[np.ndarray, np.ndarray]], max_pixels: float = 8e6) -> None:
+    """Set the model's foreground and seed thresholds to the pair with the best mean AJI on ``held`` images."""
+    from ._segmentation_metrics import evaluate_segmentation
+
+    maps, total = [], 0
+    for rgb, lab in held:
+        if total > max_pixels:
+            break
+        maps.append((model.predict_maps(rgb), lab.astype(np.int64)))
+        total += lab.size
+    best, best_aji = None, -1.0
+    for fg_thr in (0.4, 0.5, 0.6):
+        for seed_thr in (0.3, 0.4, 0.5, 0.6, 0.7):
+            aji = np.mean(
+                [
+                    evaluate_segmentation(
+                        model.instances(m, foreground_threshold=fg_thr, seed_threshold=seed_thr)[0].astype(np.int64),
+                        lab,
+                    )["aji"]
+                    for m, lab in maps
+                ]
+            )
+            if aji > best_aji:
+                best, best_aji = (fg_thr, seed_thr), aji
+    model.config.foreground_threshold, model.config.seed_threshold = best
+    logger.info(
+        f"Post-processing thresholds: foreground {best[0]}, seed {best[1]} (AJI {best_aji:.3f} on the training images)"
+    )
