@@ -2,11 +2,12 @@
 
 Usage (from the repository root, with ../shared/data present):
 
-    python benchmarks/segmentation.py [--steps 1500] [--large 20000] [--skip-monuseg] [--skip-consep] [--skip-large]
-                                      [--skip-her2st]
+    python benchmarks/segmentation.py [--steps 3000] [--unet-mpp 0.25] [--large 20000] [--monuseg-only]
+                                      [--skip-unet] [--skip-monuseg] [--skip-consep] [--skip-large] [--skip-her2st]
 
 1. MoNuSeg (13 tiles, manual outlines): the default classical segmenter on every tile, and U-Nets from
-   ``train_segmenter`` in two folds (even / odd tiles), each scored only on the tiles it did not see.
+   ``train_segmenter`` in two folds (even / odd tiles), each scored only on the tiles it did not see; the 224 CoNSeP
+   patches (another organ and lab) are added to the training tiles unless ``--monuseg-only``.
 2. CoNSeP (224 patches, 4 classes): classical, and a class-aware U-Net trained on the patches of images 1-7 and
    scored on images 8-14, with per-class detection F1.
 3. Speed (megapixels of the input per second) and peak memory of the classical segmenter on a dask-backed synthetic
@@ -22,7 +23,7 @@ import time
 
 import numpy as np
 import pandas as pd
-from _common import CACHE, DATA, her2st_section, peak_memory_gib
+from _common import CACHE, DATA, peak_memory_gib
 
 METRICS = ["precision", "recall", "f1", "dice", "aji", "pq"]
 
@@ -61,7 +62,15 @@ def summary(rows) -> dict:
     return out
 
 
-def monuseg(steps: int) -> None:
+def consep_training_set() -> tuple[list, list]:
+    """The 224 CoNSeP patches (0.25 um/px) as extra training images for the MoNuSeg U-Nets."""
+    import scellst
+
+    patches = scellst.datasets.consep_patches(path=DATA / "consep")
+    return [p["image"] for p in patches], [p["instances"] for p in patches]
+
+
+def monuseg(steps: int, unet_mpp: float, extra_consep: bool, unet: bool = True) -> None:
     from skimage.io import imread
 
     import scellst
@@ -73,15 +82,19 @@ def monuseg(steps: int) -> None:
     mpps = [float(e["microns_per_pixel"] or 0.25) for e in idx]
     rows, speed = score(imgs, masks, mpps, "classical")
     print(f"MoNuSeg classical (13 tiles): {summary(rows)}; {speed:.2f} MP/s", flush=True)
+    if not unet:
+        return
     folds = [list(range(0, 13, 2)), list(range(1, 13, 2))]
     all_rows, speeds = [], []
     for k, train in enumerate(folds):
         test = [i for i in range(13) if i not in train]
         t0 = time.perf_counter()
+        extra_imgs, extra_masks = consep_training_set() if extra_consep else ([], [])
         model = scellst.tl.train_segmenter(
-            [imgs[i] for i in train],
-            [masks[i] for i in train],
-            microns_per_pixel=[mpps[i] for i in train],
+            [imgs[i] for i in train] + extra_imgs,
+            [masks[i] for i in train] + extra_masks,
+            microns_per_pixel=[mpps[i] for i in train] + [0.25] * len(extra_imgs),
+            working_mpp=unet_mpp,
             n_steps=steps,
             seed=k,
             show_progress_bar=False,
@@ -100,7 +113,7 @@ def monuseg(steps: int) -> None:
     )
 
 
-def consep(steps: int) -> None:
+def consep(steps: int, unet_mpp: float, unet: bool = True) -> None:
     import scellst
 
     patches = scellst.datasets.consep_patches(path=DATA / "consep")
@@ -119,6 +132,8 @@ def consep(steps: int) -> None:
     test = np.flatnonzero(image_id > 7)
     rows, speed = score([imgs[i] for i in test], [masks[i] for i in test], [0.25] * len(test), "classical")
     print(f"CoNSeP classical ({len(test)} patches of images 8-14): {summary(rows)}; {speed:.2f} MP/s", flush=True)
+    if not unet:
+        return
     t0 = time.perf_counter()
     model = scellst.tl.train_segmenter(
         [imgs[i] for i in train],
@@ -126,6 +141,7 @@ def consep(steps: int) -> None:
         classes=[cls_maps[i] for i in train],
         class_names=class_names,
         microns_per_pixel=0.25,
+        working_mpp=unet_mpp,
         n_steps=steps,
         show_progress_bar=False,
     )
@@ -167,15 +183,24 @@ def large(size: int) -> None:
 
 
 def her2st() -> None:
+    """Segment the four HER2ST sections afresh (not from the benchmark cache) and count nuclei per spot."""
     from skimage.io import imsave
     from skimage.segmentation import find_boundaries
 
+    import scellst
+
     for s in ("C2", "C3", "C4", "C5"):
-        sdata = her2st_section(s, verbose=False)
+        sdata = scellst.datasets.her2st(s, path=DATA / "her2st")
+        t0 = time.perf_counter()
+        scellst.pp.segment_nuclei(sdata, show_progress_bar=False)
+        dt = time.perf_counter() - t0
+        scellst.pp.assign_cells(sdata)
         n = sdata.tables["spots_counts"].obs["n_cells"]
+        h, w = sdata.images["he"]["scale0"].image.shape[1:]
         print(
-            f"HER2ST {s}: {len(sdata.shapes['nuclei']):,} nuclei; per 100 um spot median {n.median():.0f} "
-            f"(10-90 %: {n.quantile(0.1):.0f}-{n.quantile(0.9):.0f})"
+            f"HER2ST {s}: {len(sdata.shapes['nuclei']):,} nuclei in {dt:.0f} s ({h * w / 1e6 / dt:.2f} MP/s); per "
+            f"100 um spot median {n.median():.0f} (10-90 %: {n.quantile(0.1):.0f}-{n.quantile(0.9):.0f})",
+            flush=True,
         )
         if s == "C2":
             spots = sdata.shapes["spots"]
@@ -192,8 +217,13 @@ def her2st() -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--steps", type=int, default=1500)
+    parser.add_argument("--steps", type=int, default=3000)
+    parser.add_argument("--unet-mpp", type=float, default=0.25, help="working resolution of the U-Nets (um/px)")
+    parser.add_argument(
+        "--monuseg-only", action="store_true", help="train the MoNuSeg U-Nets without the CoNSeP patches"
+    )
     parser.add_argument("--large", type=int, default=20000)
+    parser.add_argument("--skip-unet", action="store_true", help="only the classical segmenter on MoNuSeg/CoNSeP")
     parser.add_argument("--skip-monuseg", action="store_true")
     parser.add_argument("--skip-consep", action="store_true")
     parser.add_argument("--skip-her2st", action="store_true")
@@ -203,9 +233,9 @@ def main() -> None:
 
     logging.getLogger("scellst").setLevel(logging.WARNING)
     if not args.skip_monuseg:
-        monuseg(args.steps)
+        monuseg(args.steps, args.unet_mpp, not args.monuseg_only, unet=not args.skip_unet)
     if not args.skip_consep:
-        consep(args.steps)
+        consep(args.steps, args.unet_mpp, unet=not args.skip_unet)
     if not args.skip_large:
         large(args.large)
     if not args.skip_her2st:
