@@ -48,3 +48,32 @@ def test_embed_errors(processed):
         scellst.tl.embed_cells(sdata, method="resnet", key_added="x")
     with pytest.raises(TypeError, match="polygons"):
         scellst.tl.embed_cells(sdata, "spots", key_added="x")
+
+
+def test_nucleus_surrounded_by_nuclei_gets_imputed_ring_features(caplog):
+    """A nucleus with no background around it (dense clusters) keeps its own features; only the ring is imputed."""
+    import geopandas as gpd
+    from shapely.geometry import box
+    from spatialdata.models import ShapesModel
+    from spatialdata.transformations import get_transformation
+
+    import scellst
+
+    img = np.full((120, 120, 3), 230, dtype=np.uint8)
+    img[30:90, 30:90] = (90, 60, 140)
+    sdata = scellst.io.from_image(img, microns_per_pixel=0.5)
+    squares = [box(30 + 20 * j, 30 + 20 * i, 50 + 20 * j, 50 + 20 * i) for i in range(3) for j in range(3)]
+    gdf = gpd.GeoDataFrame(geometry=squares, index=pd.Index(np.arange(1, 10), name="cell_id"))
+    sdata.shapes["nuclei"] = ShapesModel.parse(
+        gdf, transformations=get_transformation(sdata.images["he"], get_all=True)
+    )
+    with caplog.at_level("INFO", logger="scellst"):
+        scellst.tl.embed_cells(sdata, shapes_key="nuclei", show_progress_bar=False)
+    assert "1 nuclei are surrounded by other nuclei" in caplog.text
+    assert "outside the image" not in caplog.text
+    table = sdata.tables["nuclei_embeddings"]
+    bad = ~np.isfinite(np.asarray(table.X))
+    assert not bad.any(), list(table.var_names[bad.any(axis=0)])
+    centre = np.flatnonzero(table.obs["cell_id"].astype(int).to_numpy() == 5)[0]  # the middle square
+    area = np.asarray(table[:, "area_um2"].X).ravel()
+    assert area[centre] == pytest.approx(100.0, rel=0.15)  # its own features are measured, not imputed

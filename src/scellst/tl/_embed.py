@@ -291,9 +291,17 @@ def embed_cells(
     else:
         feats["nearest_neighbour_um"] = 0.0
     feats = feats[list(MORPHOLOGY_FEATURES)]
-    n_missing = int(feats.isna().any(axis=1).sum())
+    missing = feats.isna()
+    ring_cols = [c for c in feats.columns if c.startswith("ring_")]
+    no_ring = int((missing[ring_cols].any(axis=1) & ~missing.drop(columns=ring_cols).any(axis=1)).sum())
+    n_missing = int(missing.drop(columns=ring_cols).any(axis=1).sum())
+    if no_ring:
+        logger.info(
+            f"{no_ring:,} nuclei are surrounded by other nuclei (no background ring); their ring features are imputed."
+        )
     if n_missing:
         logger.warning(f"{n_missing:,} nuclei lie outside the image or are degenerate; their features are imputed.")
+    if no_ring or n_missing:
         feats = feats.fillna(feats.median()).fillna(0.0)
 
     _write_table(
