@@ -159,10 +159,10 @@ def refine_nuclei(labels: np.ndarray, hema: np.ndarray, *, level: float, ring_px
     ring_level = np.where(np.isfinite(ring_level), ring_level, 0.5 * inside)  # a nucleus without any ring
     cut = (ring_level + level * (inside - ring_level)).astype(np.float32)
     cut[0] = np.inf
-    keep = ndi.binary_fill_holes(hema > cut[labels])
-    out = np.where(keep & (labels > 0), labels, 0)
-    filled = ndi.binary_fill_holes(out > 0)  # holes of a nucleus come back to it
-    return np.where(filled & (out == 0) & (grown > 0), grown, out).astype(np.int32)
+    out = np.where((hema > cut[labels]) & (labels > 0), labels, 0).astype(np.int32)
+    holes = ndi.binary_fill_holes(out > 0) & (out == 0)  # pale chromatin inside a nucleus comes back to it
+    out[holes] = np.where(labels[holes] > 0, labels[holes], grown[holes])
+    return out
 
 
 def segment_tile(rgb: np.ndarray, *, microns_per_pixel: float, threshold: float, params: ClassicalParams) -> np.ndarray:
