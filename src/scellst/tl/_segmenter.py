@@ -103,8 +103,8 @@ def train_segmenter(
 
     Nuclei are then separated by a watershed on the predicted distance map. Training works at ``working_mpp``
     (images and masks are resampled), with random crops (every pixel of the training set equally likely), flips,
-    90-degree rotations and H&E stain jitter (:func:`stain_jitter`). Masks can come from manual annotations or from
-    Xenium nucleus boundaries registered to the H&E
+    90-degree rotations and H&E stain jitter (haematoxylin, eosin and residual concentrations scaled and shifted at
+    random). Masks can come from manual annotations or from Xenium nucleus boundaries registered to the H&E
     (rasterised with the image's geometry).
 
     Parameters
@@ -135,8 +135,8 @@ def train_segmenter(
         After training, choose the foreground and seed thresholds of the post-processing that give the best AJI on
         the training images (a few megapixels of them); otherwise keep 0.5 / 0.5.
     tta
-        Make the saved model average its outputs over flips of the input (about 4x slower, usually a little more
-        accurate); can be changed later through ``model.config.tta``.
+        Make the saved model average its outputs over flips of the input (about 4x slower; it did not help on
+        MoNuSeg); can be changed later through ``model.config.tta``.
     seed
         Random seed.
     show_progress_bar
