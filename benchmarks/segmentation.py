@@ -86,10 +86,10 @@ def monuseg(steps: int, unet_mpp: float, extra_consep: bool, unet: bool = True) 
         return
     folds = [list(range(0, 13, 2)), list(range(1, 13, 2))]
     all_rows, speeds = [], []
+    extra_imgs, extra_masks = consep_training_set() if extra_consep else ([], [])  # read once for both folds
     for k, train in enumerate(folds):
         test = [i for i in range(13) if i not in train]
         t0 = time.perf_counter()
-        extra_imgs, extra_masks = consep_training_set() if extra_consep else ([], [])
         model = scellst.tl.train_segmenter(
             [imgs[i] for i in train] + extra_imgs,
             [masks[i] for i in train] + extra_masks,
