@@ -1,7 +1,9 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
+import scellst
 from scellst.datasets import synthetic_tissue
 
 
@@ -26,3 +28,20 @@ def test_synthetic_tissue_is_deterministic_and_consistent(tissue):
     assert epcam[is_tumour].mean() > 10 * epcam[~is_tumour].mean()
     other = synthetic_tissue(seed=2, size_um=(300.0, 300.0))
     assert other.tables["true_expression"].n_obs != truth.n_obs
+
+
+def test_annotated_tiles(data_dir):
+    """MoNuSeg and GBM40 tiles come with one instance per annotated outline and their resolution."""
+    import json
+
+    for name, n_tiles in (("monuseg", 13), ("gbm40", 40)):
+        tiles = scellst.datasets.annotated_tiles(name, path=data_dir / name)
+        index = json.loads((data_dir / name / "index.json").read_text())
+        assert len(tiles) == n_tiles == len(index)
+        for tile, entry in zip(tiles, index, strict=True):
+            assert tile["image"].dtype == np.uint8
+            assert tile["image"].shape == tuple(entry["shape"])
+            assert len(np.unique(tile["instances"])) - 1 == entry["n_instances"]
+            assert 0.2 < tile["microns_per_pixel"] < 0.3
+    with pytest.raises(ValueError, match="Unknown tile set"):
+        scellst.datasets.annotated_tiles("pannuke", path=data_dir)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -369,6 +370,51 @@ def her2st(section: str, *, path: str | Path | None = None) -> SpatialData:
         deconv = pd.read_csv(deconv_file, sep="\t", index_col=0).reindex(shared)
         table.obsm["deconv"] = deconv.fillna(0.0).set_axis(table.obs_names)
     return sdata
+
+
+ANNOTATED_TILES = ("monuseg", "gbm40")
+
+
+def annotated_tiles(name: str, *, path: str | Path | None = None) -> list[dict]:
+    """H&E tiles with manual nucleus outlines, to train or score a segmenter (``"monuseg"`` or ``"gbm40"``).
+
+    Reads the public layout ``images/<tile>.png``, ``instance_masks/<tile>.png`` (uint16 instance maps) and
+    ``index.json`` in place; nothing is downloaded.
+
+    - ``"monuseg"``: 13 MoNuSeg tiles (Kumar et al. 2017; TCGA, 7 organs, 1000 x 1000 px at about 0.25 um/px, taken
+      from ``index.json``).
+    - ``"gbm40"``: 40 glioblastoma tiles (Kong et al. 2016; 512 x 512 px). The resolution is not stated upstream;
+      the nucleus sizes suggest 40x, so 0.25 um/px is assumed.
+
+    Parameters
+    ----------
+    name
+        Which set.
+    path
+        Its folder (default: ``$SCELLST_DATA_DIR/<name>`` or ``../shared/data/<name>``).
+
+    Returns
+    -------
+    One dict per tile: ``name``, ``image`` (``(y, x, 3)`` uint8 RGB), ``instances`` (int64 label map, 0 background)
+    and ``microns_per_pixel``.
+    """
+    from skimage.io import imread
+
+    if name not in ANNOTATED_TILES:
+        raise ValueError(f"Unknown tile set {name!r}; choose from {ANNOTATED_TILES}.")
+    root = data_dir(name, path=path)
+    index = root / "index.json"
+    if not index.exists():
+        raise FileNotFoundError(f"No index.json in {str(root)!r}; is this the {name} folder?")
+    out = []
+    for entry in json.loads(index.read_text()):
+        mpp = float(entry.get("microns_per_pixel") or 0.25)
+        image = imread(root / "images" / f"{entry['name']}.png")[..., :3]
+        instances = imread(root / "instance_masks" / f"{entry['name']}.png").astype(np.int64)
+        if instances.shape != image.shape[:2]:
+            raise ValueError(f"{name} tile {entry['name']}: mask {instances.shape} and image {image.shape[:2]} differ.")
+        out.append({"name": entry["name"], "image": image, "instances": instances, "microns_per_pixel": mpp})
+    return out
 
 
 CONSEP_CLASSES = ("other", "inflammatory", "epithelial", "spindle")
