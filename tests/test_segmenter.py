@@ -4,7 +4,12 @@ import numpy as np
 import pytest
 
 import scellst
-from scellst.tl._segmenter import resample_labels
+from scellst.tl._segmenter import (
+    FOREGROUND_THRESHOLDS,
+    SEED_HEIGHTS,
+    SEED_THRESHOLDS,
+    resample_labels,
+)
 
 
 @pytest.fixture(scope="module")
@@ -116,8 +121,9 @@ def test_unet_post_processing_options(small_model, tissue):
 
     path, model = small_model
     # thresholds were calibrated on the training image, within the searched grid, and saved with the model
-    assert model.config.foreground_threshold in (0.4, 0.5, 0.6)
-    assert model.config.seed_threshold in (0.3, 0.4, 0.5, 0.6, 0.7)
+    assert model.config.foreground_threshold in FOREGROUND_THRESHOLDS
+    assert model.config.seed_threshold in SEED_THRESHOLDS
+    assert model.config.seed_h in (0.0, *SEED_HEIGHTS)
     loaded = NucleusUNet.load(path)
     assert loaded.config == model.config
     rgb = np.moveaxis(np.asarray(tissue.images["he"]["scale0"].image[:, :200, :200]), 0, -1)
@@ -129,6 +135,10 @@ def test_unet_post_processing_options(small_model, tissue):
     loose, _ = model.instances(plain, foreground_threshold=0.05)
     strict, _ = model.instances(plain, foreground_threshold=0.95)
     assert (loose > 0).sum() > (strict > 0).sum()
+    # seeds at maxima: a lower height splits more (never fewer nuclei), same foreground
+    low, _ = model.instances(plain, seed_h=0.02)
+    high, _ = model.instances(plain, seed_h=0.3)
+    assert len(np.unique(low)) >= len(np.unique(high)) > 1
 
 
 def test_model_upsamples_coarser_images(tissue):
@@ -169,3 +179,26 @@ def test_model_upsamples_coarser_images(tissue):
     assert np.quantile(d, 0.9) < 0.3
     ratio = b.shapes["nuclei"]["area_um2"].sum() / a.shapes["nuclei"]["area_um2"].sum()
     assert ratio == pytest.approx(1.0, abs=0.05)
+
+
+def test_unet_precision(small_model, tissue):
+    """bfloat16 and float32 give the same maps up to rounding; an unknown precision is a clear error."""
+    import dataclasses
+
+    from scellst.models import NucleusUNet
+    from scellst.models._unet import use_bf16
+
+    _, model = small_model
+    rgb = np.moveaxis(np.asarray(tissue.images["he"]["scale0"].image[:, :160, :160]), 0, -1)
+    maps = {
+        p: NucleusUNet(dataclasses.replace(model.config, precision=p), model.state_dict).predict_maps(rgb)
+        for p in ("fp32", "bf16")
+    }
+    assert maps["bf16"].dtype == maps["fp32"].dtype == np.float32
+    assert np.corrcoef(maps["bf16"][:2].ravel(), maps["fp32"][:2].ravel())[0, 1] > 0.99
+    assert isinstance(use_bf16("auto"), bool)
+    with pytest.raises(ValueError, match="precision"):
+        use_bf16("half")
+    img = np.zeros((50, 50, 3), dtype=np.uint8)
+    with pytest.raises(ValueError, match="precision"):
+        scellst.tl.train_segmenter([img], [np.zeros((50, 50), int)], microns_per_pixel=0.5, precision="fp16")

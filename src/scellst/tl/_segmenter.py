@@ -96,6 +96,7 @@ def train_segmenter(
     depth: int = 3,
     calibrate: bool = True,
     tta: bool = False,
+    precision: str = "auto",
     seed: int = 0,
     show_progress_bar: bool = True,
 ):
@@ -132,11 +133,16 @@ def train_segmenter(
     depth
         Number of down-sampling levels.
     calibrate
-        After training, choose the foreground and seed thresholds of the post-processing that give the best AJI on
-        the training images (a few megapixels of them); otherwise keep 0.5 / 0.5.
+        After training, choose the post-processing (foreground threshold; seeds where the distance map passes a
+        threshold, or at its maxima of a given height) that gives the best AJI on the training images (a few
+        megapixels of them); otherwise keep foreground 0.5 and seeds above 0.5.
     tta
         Make the saved model average its outputs over flips of the input (about 4x slower; it did not help on
         MoNuSeg); can be changed later through ``model.config.tta``.
+    precision
+        Arithmetic of the network for training and for the saved model: ``"bf16"`` (bfloat16 autocast, 2-3x faster
+        on CPUs with native bfloat16 such as recent Xeons), ``"fp32"``, or ``"auto"`` (bfloat16 where the CPU
+        supports it natively); can be changed later through ``model.config.precision``.
     seed
         Random seed.
     show_progress_bar
@@ -149,7 +155,7 @@ def train_segmenter(
     import torch
     from tqdm.auto import tqdm
 
-    from ..models._unet import NucleusUNet, UNetConfig, build_unet, normalise_rgb
+    from ..models._unet import NucleusUNet, UNetConfig, build_unet, normalise_rgb, use_bf16
 
     if len(images) != len(masks) or not images:
         raise ValueError(f"Need as many masks as images (got {len(images)} images and {len(masks)} masks).")
@@ -161,6 +167,7 @@ def train_segmenter(
             f"`microns_per_pixel` needs one value per image (or one for all), each in (0, 5) um/px; got {mpps}."
         )
     working_mpp = float(np.median(mpps)) if working_mpp is None else float(working_mpp)
+    bf16 = use_bf16(precision)  # validates `precision` before any work
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
     data, held = [], []
@@ -189,14 +196,15 @@ def train_segmenter(
         class_names=names,
         microns_per_pixel=working_mpp,
         tta=tta,
+        precision=precision,
     )
-    net = build_unet(config)
+    net = build_unet(config).to(memory_format=torch.channels_last)
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=n_steps, pct_start=0.1)
     bce = torch.nn.BCEWithLogitsLoss()
     ce = torch.nn.CrossEntropyLoss(ignore_index=-1)
 
-    area = np.array([f.size for _, f, _, _ in data], dtype=float)
+    area = np.array([f.size for _, f, *_ in data], dtype=float)
 
     def sample():
         x, f, d, c = data[rng.choice(len(data), p=area / area.sum())]  # every pixel equally likely
@@ -225,10 +233,12 @@ def train_segmenter(
     bar = tqdm(range(n_steps), desc="train_segmenter", disable=not show_progress_bar)
     for _ in bar:
         batch = [sample() for _ in range(batch_size)]
-        x = torch.from_numpy(np.stack([b[0] for b in batch]))
+        x = torch.from_numpy(np.stack([b[0] for b in batch])).contiguous(memory_format=torch.channels_last)
         f = torch.from_numpy(np.stack([b[1] for b in batch]))
         d = torch.from_numpy(np.stack([b[2] for b in batch]))
-        out_t = net(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            out_t = net(x)
+        out_t = out_t.float()  # losses in float32
         prob = torch.sigmoid(out_t[:, 0])
         dice = 1 - (2 * (prob * f).sum() + 1) / (prob.sum() + f.sum() + 1)
         loss = bce(out_t[:, 0], f) + dice + bce(out_t[:, 1], d)
@@ -242,9 +252,8 @@ def train_segmenter(
         history["loss"].append(float(loss.item()))
         bar.set_postfix(loss=f"{np.mean(history['loss'][-20:]):.3f}")
     bar.close()
-    model = NucleusUNet(
-        config=config, state_dict={k: v.detach().clone() for k, v in net.state_dict().items()}, history=history
-    )
+    state = {k: v.detach().contiguous().clone() for k, v in net.state_dict().items()}
+    model = NucleusUNet(config=config, state_dict=state, history=history)
     if calibrate:
         _calibrate_thresholds(model, held)
     if out is not None:
@@ -253,8 +262,13 @@ def train_segmenter(
     return model
 
 
+FOREGROUND_THRESHOLDS = (0.4, 0.5, 0.6)
+SEED_THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7)
+SEED_HEIGHTS = (0.05, 0.1, 0.15, 0.2)
+
+
 def _calibrate_thresholds(model, held: list[tuple[np.ndarray, np.ndarray]], max_pixels: float = 8e6) -> None:
-    """Set the model's foreground and seed thresholds to the pair with the best mean AJI on ``held`` images."""
+    """Set the model's foreground threshold and seeds to the combination with the best mean AJI on ``held`` images."""
     from ._segmentation_metrics import evaluate_segmentation
 
     maps, total = [], 0
@@ -263,21 +277,27 @@ def _calibrate_thresholds(model, held: list[tuple[np.ndarray, np.ndarray]], max_
             break
         maps.append((model.predict_maps(rgb), lab.astype(np.int64)))
         total += lab.size
+    # seeds: distance-map thresholds (seed_h 0) or maxima of height seed_h (the threshold is then unused)
+    seeds = [(t, 0.0) for t in SEED_THRESHOLDS] + [(model.config.seed_threshold, h) for h in SEED_HEIGHTS]
     best, best_aji = None, -1.0
-    for fg_thr in (0.4, 0.5, 0.6):
-        for seed_thr in (0.3, 0.4, 0.5, 0.6, 0.7):
+    for fg_thr in FOREGROUND_THRESHOLDS:
+        for seed_thr, seed_h in seeds:
             aji = np.mean(
                 [
                     evaluate_segmentation(
-                        model.instances(m, foreground_threshold=fg_thr, seed_threshold=seed_thr)[0].astype(np.int64),
+                        model.instances(m, foreground_threshold=fg_thr, seed_threshold=seed_thr, seed_h=seed_h)[
+                            0
+                        ].astype(np.int64),
                         lab,
                     )["aji"]
                     for m, lab in maps
                 ]
             )
             if aji > best_aji:
-                best, best_aji = (fg_thr, seed_thr), aji
-    model.config.foreground_threshold, model.config.seed_threshold = best
+                best, best_aji = (fg_thr, seed_thr, seed_h), aji
+    model.config.foreground_threshold, model.config.seed_threshold, model.config.seed_h = best
+    seeds_text = f"maxima of height {best[2]}" if best[2] > 0 else f"distance above {best[1]}"
     logger.info(
-        f"Post-processing thresholds: foreground {best[0]}, seed {best[1]} (AJI {best_aji:.3f} on the training images)"
+        f"Post-processing: foreground above {best[0]}, seeds at {seeds_text} (AJI {best_aji:.3f} on the training "
+        "images)"
     )
