@@ -108,9 +108,9 @@ class NucleusUNet:
     def network(self):
         """The torch module in eval mode (built lazily)."""
         if self._net is None:
-            net = build_unet(self.config)
             import torch
 
+            net = build_unet(self.config)
             net.load_state_dict(self.state_dict)
             net.eval()
             net = net.to(memory_format=torch.channels_last)
