@@ -158,27 +158,16 @@ def consep(steps: int, unet_mpp: float, base_channels: int, unet: bool = True) -
         show_progress_bar=False,
     )
     train_s = time.perf_counter() - t0
-    rows, speed = score(
-        [imgs[i] for i in test],
-        [masks[i] for i in test],
-        [0.25] * len(test),
-        model,
-        true_classes=[true_cls[i] for i in test],
-    )
+    test_set = ([imgs[i] for i in test], [masks[i] for i in test], [0.25] * len(test))
+    test_classes = [true_cls[i] for i in test]
+    rows, speed = score(*test_set, model, true_classes=test_classes)
     print(
         f"CoNSeP class-aware U-Net (trained on {len(train)} patches in {train_s:.0f} s): {summary(rows)}; {speed:.2f} MP/s",
         flush=True,
     )
     # a third of CoNSeP's annotated objects are under the default 8 um2 (many cut by the patch border)
     model.config.min_area_um2 = 3.0
-    rows, _ = score(
-        [imgs[i] for i in test],
-        [masks[i] for i in test],
-        [0.25] * len(test),
-        model,
-        true_classes=[true_cls[i] for i in test],
-        min_area_um2=3.0,
-    )
+    rows, _ = score(*test_set, model, true_classes=test_classes, min_area_um2=3.0)
     print(f"  same model keeping nuclei down to 3 um2: {summary(rows)}", flush=True)
 
 
