@@ -68,6 +68,10 @@ def test_segmenter_input_errors(tissue):
         scellst.tl.train_segmenter([img], [np.zeros((50, 50), int)], microns_per_pixel=[0.5, 0.5])
     with pytest.raises(ValueError, match="um/px"):
         scellst.tl.train_segmenter([img], [np.zeros((50, 50), int)], microns_per_pixel=250)  # nm, not um
+    with pytest.raises(ValueError, match="zoom"):
+        scellst.tl.train_segmenter([img], [np.zeros((50, 50), int)], microns_per_pixel=0.5, zoom=(1.25, 0.8))
+    with pytest.raises(ValueError, match="blur"):
+        scellst.tl.train_segmenter([img], [np.zeros((50, 50), int)], microns_per_pixel=0.5, blur=2)
     from .conftest import fresh_copy
 
     sdata = fresh_copy(tissue)
@@ -201,3 +205,73 @@ def test_unet_precision(small_model, tissue):
     img = np.zeros((50, 50, 3), dtype=np.uint8)
     with pytest.raises(ValueError, match="precision"):
         scellst.tl.train_segmenter([img], [np.zeros((50, 50), int)], microns_per_pixel=0.5, precision="fp16")
+
+
+def test_offset_targets_turn_with_the_image():
+    """The centre-offset targets of a rotated/flipped mask are the augmented offsets of the original mask."""
+    from scellst.tl._segmenter import _augment_offsets, _targets
+
+    lab = np.zeros((40, 50), int)
+    lab[3:15, 5:20] = 1
+    lab[20:35, 10:18] = 2
+    lab[18:30, 30:47] = 3
+    lab[25:28, 40:49] = 3  # not convex: the centroid is not the box centre
+    _, _, off = _targets(lab, hv=True)
+    assert off.shape == (2, 40, 50)
+    assert off[0][5, 5] == -1
+    assert off[0][5, 19] == 1
+    assert off[1][3, 8] == -1
+    assert off[1][14, 8] == 1
+    for k in range(4):
+        for flip in (False, True):
+            moved = np.rot90(lab, k)
+            moved = np.ascontiguousarray(np.flip(moved, 1) if flip else moved)
+            np.testing.assert_allclose(_augment_offsets(off, k, flip), _targets(moved, hv=True)[2], atol=1e-6)
+
+
+def test_offsets_split_touching_nuclei():
+    """Two touching nuclei that the distance map merges are split where the centre offsets jump back."""
+    from scellst.models import NucleusUNet, UNetConfig
+    from scellst.tl._segmenter import _targets
+
+    lab = np.zeros((40, 60), int)
+    lab[10:30, 10:30] = 1
+    lab[10:30, 30:50] = 2
+    _, merged_dist = _targets((lab > 0).astype(int))  # a distance map blind to the contact
+    _, _, off = _targets(lab, hv=True)
+    logit = lambda p: np.log(np.clip(p, 1e-3, 1 - 1e-3) / (1 - np.clip(p, 1e-3, 1 - 1e-3)))  # noqa: E731
+    maps = np.concatenate([[logit(lab > 0), logit(merged_dist)], off]).astype(np.float32)
+    plain = NucleusUNet(UNetConfig(microns_per_pixel=0.5), {})
+    with_offsets = NucleusUNet(UNetConfig(microns_per_pixel=0.5, hv=True), {})
+    assert plain.instances(maps[:2])[0].max() == 1
+    split, _ = with_offsets.instances(maps)
+    assert split.max() == 2
+    assert len(np.unique(split[lab == 1])) == len(np.unique(split[lab == 2])) == 1  # each nucleus is one object
+
+
+def test_offset_model_flips_consistently(tissue):
+    """With test-time flips, a model with offset maps is exactly flip-equivariant: the offsets change sign."""
+    rgb = np.moveaxis(np.asarray(tissue.images["he"]["scale0"].image[:, :96, :96]), 0, -1)
+    lab = np.zeros((96, 96), int)
+    lab[20:40, 20:40] = 1
+    lab[50:70, 40:70] = 2
+    model = scellst.tl.train_segmenter(
+        [rgb],
+        [lab],
+        microns_per_pixel=0.5,
+        hv=True,
+        zoom=(0.8, 1.25),  # resized crops and blur exercised here too
+        blur=0.5,
+        n_steps=3,
+        crop_size=64,
+        precision="fp32",
+        show_progress_bar=False,
+    )
+    assert model.config.hv
+    assert model.config.hv_edge > 0
+    maps = model.predict_maps(rgb, tta=True)
+    mirrored = model.predict_maps(np.ascontiguousarray(rgb[:, ::-1]), tta=True)[..., ::-1]
+    assert maps.shape == (4, 96, 96)
+    np.testing.assert_allclose(mirrored[:2], maps[:2], atol=1e-4)
+    np.testing.assert_allclose(mirrored[2], -maps[2], atol=1e-4)  # horizontal offsets reverse
+    np.testing.assert_allclose(mirrored[3], maps[3], atol=1e-4)

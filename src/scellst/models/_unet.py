@@ -24,6 +24,8 @@ class UNetConfig:
     seed_threshold: float = 0.5  # distance-map level that seeds one nucleus
     seed_h: float = 0.0  # > 0: seeds are the maxima of the distance map at least this high instead
     tta: bool = False  # average the outputs over the four flips of the input
+    hv: bool = False  # two more outputs: horizontal and vertical offset of each pixel from its nucleus centre
+    hv_edge: float = 0.5  # offset jump per pixel counted as a full boundary between touching nuclei
     precision: str = "auto"  # "auto", "bf16" or "fp32": arithmetic of the network on the CPU
 
 
@@ -48,8 +50,27 @@ def use_bf16(precision: str) -> bool:
         return False
 
 
+def n_outputs(config: UNetConfig) -> int:
+    """Output channels: foreground, distance, one per class, then (with ``hv``) horizontal and vertical offsets."""
+    return 2 + config.n_classes + (2 if config.hv else 0)
+
+
+def hv_boundary(h: np.ndarray, v: np.ndarray, scale: float) -> np.ndarray:
+    """Where the predicted centre offsets jump backwards, in [0, 1]: the line between two touching nuclei.
+
+    Inside one nucleus the horizontal offset ``h`` grows from -1 to 1 left to right (and ``v`` top to bottom);
+    crossing into a neighbour it falls back from about 1 to -1 within a pixel or two. A fall of ``scale`` per pixel
+    counts as a full boundary.
+    """
+    from scipy import ndimage as ndi
+
+    # Sobel derivatives (a 3x3 kernel summing to 8 times the per-pixel slope)
+    fall = np.maximum(-ndi.sobel(h, axis=1) / 8, 0) + np.maximum(-ndi.sobel(v, axis=0) / 8, 0)
+    return np.clip(fall / scale, 0, 1)
+
+
 def build_unet(config: UNetConfig):
-    """The torch module: an encoder-decoder with skip connections; outputs ``1 + 1 + n_classes`` channels."""
+    """The torch module: an encoder-decoder with skip connections; outputs :func:`n_outputs` channels."""
     import torch
     from torch import nn
 
@@ -71,7 +92,7 @@ def build_unet(config: UNetConfig):
             self.pool = nn.MaxPool2d(2)
             self.up = nn.ModuleList([nn.ConvTranspose2d(ch[i + 1], ch[i], 2, stride=2) for i in range(config.depth)])
             self.dec = nn.ModuleList([block(2 * ch[i], ch[i]) for i in range(config.depth)])
-            self.head = nn.Conv2d(ch[0], 2 + config.n_classes, 1)
+            self.head = nn.Conv2d(ch[0], n_outputs(config), 1)
 
         def forward(self, x):
             skips = []
@@ -132,10 +153,15 @@ class NucleusUNet:
         x = x.contiguous(memory_format=torch.channels_last)
         flips = [(), (-1,), (-2,), (-2, -1)] if tta else [()]
         outs = []
+        hv0 = 2 + self.config.n_classes  # channel of the horizontal offset (when `hv`)
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16(self.config.precision)):
             for f in flips:
                 y = self.network(torch.flip(x, f) if f else x).float()
-                outs.append(torch.flip(y, f) if f else y)
+                y = torch.flip(y, f) if f else y
+                if self.config.hv:  # a flip reverses the offsets along its axis
+                    for axis in f:
+                        y[:, hv0 + (0 if axis == -1 else 1)] *= -1
+                outs.append(y)
         return torch.stack(outs).mean(0)[0].numpy()[:, :h, :w]
 
     def segment(self, rgb: np.ndarray) -> tuple[np.ndarray, dict[int, int] | None]:
@@ -149,13 +175,16 @@ class NucleusUNet:
         foreground_threshold: float | None = None,
         seed_threshold: float | None = None,
         seed_h: float | None = None,
+        hv_edge: float | None = None,
     ) -> tuple[np.ndarray, dict[int, int] | None]:
         """Nuclei from the network outputs (logits from :meth:`predict_maps`).
 
         Seeds are where the distance map passes ``seed_threshold`` or, when ``seed_h > 0``, the maxima of the
         (lightly smoothed) distance map that rise at least ``seed_h`` above their surroundings, which adapts to
         nuclei whose predicted centre is not confident; seeds grow by a watershed of the distance map over the
-        foreground (probability above ``foreground_threshold``). All default to the model's values, which
+        foreground (probability above ``foreground_threshold``). With offset maps (``config.hv``), the distance map is
+        first lowered where the offsets jump backwards (:func:`hv_boundary` with scale ``hv_edge``), which splits
+        touching nuclei that the distance map alone merges. All default to the model's values, which
         :func:`scellst.tl.train_segmenter` calibrates on its training images.
         """
         from scipy import ndimage as ndi
@@ -167,6 +196,10 @@ class NucleusUNet:
         seed_h = cfg.seed_h if seed_h is None else seed_h
         fg = 1 / (1 + np.exp(-maps[0])) > fg_thr
         dist = 1 / (1 + np.exp(-maps[1]))
+        if cfg.hv:
+            hv0 = 2 + cfg.n_classes
+            edge = cfg.hv_edge if hv_edge is None else hv_edge
+            dist = dist * (1 - hv_boundary(maps[hv0], maps[hv0 + 1], edge))
         min_px = max(cfg.min_area_um2 / cfg.microns_per_pixel**2, 4)
         if seed_h > 0:
             from skimage.filters import gaussian
@@ -189,7 +222,7 @@ class NucleusUNet:
         labels[tiny[labels]] = 0
         classes = None
         if cfg.n_classes:
-            cls = maps[2:].argmax(axis=0) + 1
+            cls = maps[2 : 2 + cfg.n_classes].argmax(axis=0) + 1
             classes = {}
             for i, sl in enumerate(ndi.find_objects(labels), start=1):
                 if sl is None:

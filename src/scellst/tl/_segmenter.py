@@ -36,12 +36,17 @@ def resample_labels(labels: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     return labels[np.ix_(ys, xs)]
 
 
-def _targets(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Foreground and per-nucleus distance to the border normalised to [0, 1]."""
+def _targets(labels: np.ndarray, *, hv: bool = False) -> tuple[np.ndarray, ...]:
+    """Foreground, per-nucleus distance to the border normalised to [0, 1] and, with ``hv``, centre offsets.
+
+    The offsets (HoVer-Net's horizontal and vertical maps) are each pixel's position relative to its nucleus's
+    centroid, scaled separately on either side of the centre to reach -1 and 1 at the nucleus's extremes.
+    """
     from scipy import ndimage as ndi
 
     fg = labels > 0
     dist = np.zeros(labels.shape, dtype=np.float32)
+    offsets = np.zeros((2, *labels.shape), dtype=np.float32) if hv else None
     for i, sl in enumerate(ndi.find_objects(labels), start=1):
         if sl is None:
             continue
@@ -49,7 +54,31 @@ def _targets(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         d = ndi.distance_transform_edt(np.pad(m, 1))[1:-1, 1:-1]
         if d.max() > 0:
             dist[sl][m] = (d / d.max())[m]
-    return fg.astype(np.float32), dist
+        if hv:
+            yy, xx = np.nonzero(m)
+            for axis, coord in ((0, xx), (1, yy)):  # horizontal offset first
+                off = (coord - coord.mean()).astype(np.float32)
+                for side in (off < 0, off > 0):
+                    if side.any():
+                        off[side] /= np.abs(off[side]).max()
+                offsets[axis][sl][yy, xx] = off
+    return (fg.astype(np.float32), dist) if not hv else (fg.astype(np.float32), dist, offsets)
+
+
+def _augment_offsets(offsets: np.ndarray, k: int, flip: bool) -> np.ndarray:
+    """Centre offsets ``(2, y, x)`` (horizontal, vertical) of an image rotated ``k`` quarter turns and flipped.
+
+    The maps are moved with the image and their components turned with it: ``np.rot90`` by a quarter turn maps
+    (h, v) to (v, -h); a left-right flip negates h. Same rotation and flip as the image's in training.
+    """
+    h, v = offsets
+    for _ in range(k % 4):
+        h, v = v, -h
+    out = np.stack([h, v])
+    out = np.rot90(out, k, axes=(1, 2))
+    if flip:
+        out = np.flip(out, axis=2) * np.array([-1, 1], dtype=np.float32)[:, None, None]
+    return out
 
 
 def stain_jitter(od: np.ndarray, rng: np.random.Generator, *, scale: float = 0.25, shift: float = 0.05) -> np.ndarray:
@@ -66,6 +95,25 @@ def stain_jitter(od: np.ndarray, rng: np.random.Generator, *, scale: float = 0.2
     mix = (hed_from_rgb * gain) @ rgb_from_hed  # od_row @ mix: to concentrations, scaled, back to optical density
     bias = offset @ rgb_from_hed
     return np.einsum("cyx,cd->dyx", od, mix) + bias[:, None, None]
+
+
+def _offset_loss(pred, target, fg):
+    """HoVer-Net's loss on the centre offsets.
+
+    Squared error everywhere plus squared error of their gradients inside nuclei (which is what sharpens the jumps
+    between touching nuclei).
+    """
+    import torch
+
+    mse = torch.mean((pred - target) ** 2)
+    gx = lambda a: a[..., :, 1:] - a[..., :, :-1]  # noqa: E731
+    gy = lambda a: a[..., 1:, :] - a[..., :-1, :]  # noqa: E731
+    mx = (fg[:, :, 1:] * fg[:, :, :-1])[:, None]
+    my = (fg[:, 1:, :] * fg[:, :-1, :])[:, None]
+    grad = ((gx(pred) - gx(target)) ** 2 * mx).sum() / (2 * mx.sum() + 1) + (
+        (gy(pred) - gy(target)) ** 2 * my
+    ).sum() / (2 * my.sum() + 1)
+    return mse + grad
 
 
 def _load(image: Any) -> np.ndarray:
@@ -94,6 +142,9 @@ def train_segmenter(
     lr: float = 2e-3,
     base_channels: int = 16,
     depth: int = 3,
+    hv: bool = False,
+    zoom: tuple[float, float] | None = None,
+    blur: float = 0.0,
     calibrate: bool = True,
     tta: bool = False,
     precision: str = "auto",
@@ -132,6 +183,14 @@ def train_segmenter(
         Width of the first U-Net level (doubles at each level).
     depth
         Number of down-sampling levels.
+    hv
+        Also predict each pixel's horizontal and vertical offset from its nucleus's centre (HoVer-Net's maps) and use
+        where they jump to split touching nuclei (see :meth:`scellst.models.NucleusUNet.instances`).
+    zoom
+        Resize each training crop by a random factor in this range (log-uniform), e.g. ``(0.8, 1.25)``, so that
+        the model sees nuclei larger and smaller than in the annotations; ``None``: no resizing.
+    blur
+        Probability of blurring a training crop (Gaussian, 0.5-1.5 px).
     calibrate
         After training, choose the foreground and seed thresholds of the post-processing that give the best AJI on
         the training images (a few megapixels of them); otherwise keep 0.5 / 0.5.
@@ -152,6 +211,7 @@ def train_segmenter(
     The trained :class:`scellst.models.NucleusUNet` (also saved to ``out`` when given).
     """
     import torch
+    from scipy import ndimage as ndi
     from tqdm.auto import tqdm
 
     from ..models._unet import NucleusUNet, UNetConfig, build_unet, normalise_rgb, use_bf16
@@ -166,6 +226,10 @@ def train_segmenter(
             f"`microns_per_pixel` needs one value per image (or one for all), each in (0, 5) um/px; got {mpps}."
         )
     working_mpp = float(np.median(mpps)) if working_mpp is None else float(working_mpp)
+    if zoom is not None and not (len(zoom) == 2 and 0 < zoom[0] <= zoom[1]):
+        raise ValueError(f"`zoom` must be a range (low, high) with 0 < low <= high, e.g. (0.8, 1.25); got {zoom}.")
+    if not 0 <= blur <= 1:
+        raise ValueError(f"`blur` is a probability in [0, 1], got {blur}.")
     bf16 = use_bf16(precision)  # validates `precision` before any work
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
@@ -177,16 +241,18 @@ def train_segmenter(
             raise ValueError(f"Image {i}: mask shape {mask.shape} differs from image shape {rgb.shape[:2]}.")
         rgb = resample_rgb(rgb, working_mpp / mpps[i])
         lab = resample_labels(mask.astype(np.int32), rgb.shape[:2])
-        fg, dist = _targets(lab)
+        fg, dist, *off = _targets(lab, hv=hv)
+        off = off[0] if hv else None
         cls = resample_labels(np.asarray(classes[i]).astype(np.int64), rgb.shape[:2]) if classes is not None else None
         pad = max(0, crop_size - min(rgb.shape[:2]))
         if pad:
             rgb = np.pad(rgb, ((0, pad), (0, pad), (0, 0)), mode="reflect")
             fg, dist = np.pad(fg, ((0, pad), (0, pad))), np.pad(dist, ((0, pad), (0, pad)))
             cls = None if cls is None else np.pad(cls, ((0, pad), (0, pad)))
-        data.append((normalise_rgb(rgb), fg, dist, cls))
+            off = None if off is None else np.pad(off, ((0, 0), (0, pad), (0, pad)))
+        data.append((normalise_rgb(rgb), fg, dist, cls, off))
         held.append((rgb[: lab.shape[0], : lab.shape[1]], lab))  # unpadded, to calibrate
-    n_classes = int(max(int(c.max()) for *_, c in data)) if classes is not None else 0
+    n_classes = int(max(int(c.max()) for _, _, _, c, _ in data)) if classes is not None else 0
     names = list(class_names) if class_names is not None else [str(k) for k in range(1, n_classes + 1)]
     config = UNetConfig(
         base_channels=base_channels,
@@ -196,6 +262,7 @@ def train_segmenter(
         microns_per_pixel=working_mpp,
         tta=tta,
         precision=precision,
+        hv=hv,
     )
     net = build_unet(config).to(memory_format=torch.channels_last)
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
@@ -206,12 +273,23 @@ def train_segmenter(
     area = np.array([f.size for _, f, *_ in data], dtype=float)
 
     def sample():
-        x, f, d, c = data[rng.choice(len(data), p=area / area.sum())]  # every pixel equally likely
+        x, f, d, c, o = data[rng.choice(len(data), p=area / area.sum())]  # every pixel equally likely
         h, w = f.shape
-        y0, x0 = rng.integers(0, h - crop_size + 1), rng.integers(0, w - crop_size + 1)
-        sl = (slice(y0, y0 + crop_size), slice(x0, x0 + crop_size))
+        side = crop_size
+        if zoom is not None:  # a crop of another size, resized to crop_size: nuclei look bigger or smaller
+            side = min(int(round(crop_size * np.exp(rng.uniform(*np.log(zoom))))), h, w)
+        y0, x0 = rng.integers(0, h - side + 1), rng.integers(0, w - side + 1)
+        sl = (slice(y0, y0 + side), slice(x0, x0 + side))
         x, f, d = x[:, sl[0], sl[1]], f[sl], d[sl]
         c = c[sl] - 1 if c is not None else None  # background -> -1 (ignored)
+        o = o[:, sl[0], sl[1]] if o is not None else None
+        if side != crop_size:
+            z = crop_size / side
+            x, o = (None if a is None else ndi.zoom(a, (1, z, z), order=1) for a in (x, o))
+            f, c = (None if a is None else ndi.zoom(a, z, order=0) for a in (f, c))
+            d = ndi.zoom(d, z, order=1)
+        if blur and rng.random() < blur:  # out-of-focus regions, frozen sections
+            x = ndi.gaussian_filter(x, (0, *[rng.uniform(0.5, 1.5)] * 2))
         k = int(rng.integers(4))
         flip = bool(rng.integers(2))
 
@@ -225,6 +303,7 @@ def train_segmenter(
             np.ascontiguousarray(aug(f, (0, 1))),
             np.ascontiguousarray(aug(d, (0, 1))),
             None if c is None else np.ascontiguousarray(aug(c, (0, 1))),
+            None if o is None else np.ascontiguousarray(_augment_offsets(o, k, flip)),
         )
 
     history: dict[str, list[float]] = {"loss": []}
@@ -243,7 +322,10 @@ def train_segmenter(
         loss = bce(out_t[:, 0], f) + dice + bce(out_t[:, 1], d)
         if n_classes:
             c = torch.from_numpy(np.stack([b[3] for b in batch]))
-            loss = loss + ce(out_t[:, 2:], c)
+            loss = loss + ce(out_t[:, 2 : 2 + n_classes], c)
+        if hv:
+            o = torch.from_numpy(np.stack([b[4] for b in batch]))
+            loss = loss + _offset_loss(out_t[:, 2 + n_classes :], o, f)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -263,10 +345,13 @@ def train_segmenter(
 
 FOREGROUND_THRESHOLDS = (0.4, 0.5, 0.6)
 SEED_THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7)
+HV_EDGES = (0.25, 0.5, 1.0)
 
 
 def _calibrate_thresholds(model, held: list[tuple[np.ndarray, np.ndarray]], max_pixels: float = 8e6) -> None:
-    """Set the model's foreground and seed thresholds to the pair with the best mean AJI on ``held`` images."""
+    """Set the model's foreground and seed thresholds (and ``hv_edge``) to the best mean AJI on ``held`` images."""
+    from itertools import product
+
     from ._segmentation_metrics import evaluate_segmentation
 
     maps, total = [], 0
@@ -277,23 +362,19 @@ def _calibrate_thresholds(model, held: list[tuple[np.ndarray, np.ndarray]], max_
         total += lab.size
     # Seeds at distance-map maxima (`seed_h`) are not searched: chosen on the training images they over-split
     # held-out MoNuSeg tiles (AJI 0.580 instead of 0.598 on fold 0 of benchmarks/segmentation.py).
+    edges = HV_EDGES if model.config.hv else (model.config.hv_edge,)
     best, best_aji = None, -1.0
-    for fg_thr in FOREGROUND_THRESHOLDS:
-        for seed_thr in SEED_THRESHOLDS:
-            aji = np.mean(
-                [
-                    evaluate_segmentation(
-                        model.instances(m, foreground_threshold=fg_thr, seed_threshold=seed_thr, seed_h=0.0)[0].astype(
-                            np.int64
-                        ),
-                        lab,
-                    )["aji"]
-                    for m, lab in maps
-                ]
-            )
-            if aji > best_aji:
-                best, best_aji = (fg_thr, seed_thr), aji
-    model.config.foreground_threshold, model.config.seed_threshold, model.config.seed_h = (*best, 0.0)
+    for fg_thr, seed_thr, edge in product(FOREGROUND_THRESHOLDS, SEED_THRESHOLDS, edges):
+        kw = {"foreground_threshold": fg_thr, "seed_threshold": seed_thr, "seed_h": 0.0, "hv_edge": edge}
+        aji = np.mean(
+            [evaluate_segmentation(model.instances(m, **kw)[0].astype(np.int64), lab)["aji"] for m, lab in maps]
+        )
+        if aji > best_aji:
+            best, best_aji = (fg_thr, seed_thr, edge), aji
+    cfg = model.config
+    cfg.foreground_threshold, cfg.seed_threshold, cfg.hv_edge, cfg.seed_h = (*best, 0.0)
+    extra = f", offset jump {best[2]}" if cfg.hv else ""
     logger.info(
-        f"Post-processing thresholds: foreground {best[0]}, seed {best[1]} (AJI {best_aji:.3f} on the training images)"
+        f"Post-processing thresholds: foreground {best[0]}, seed {best[1]}{extra} (AJI {best_aji:.3f} on the "
+        "training images)"
     )
