@@ -3,7 +3,7 @@
 Usage (from the repository root, with ../shared/data present):
 
     python benchmarks/segmentation.py [--steps 4000] [--unet-mpp 0.25] [--base-channels 32] [--extra consep,gbm40]
-                                      [--large 20000]
+                                      [--hv] [--zoom LOW HIGH] [--blur P] [--folds 0,1] [--large 20000]
                                       [--skip-unet] [--skip-monuseg] [--skip-consep] [--skip-large] [--skip-her2st]
 
 1. MoNuSeg (13 tiles, manual outlines): the default classical segmenter on every tile, and U-Nets from
@@ -81,7 +81,7 @@ def gbm40_training_set() -> tuple[list, list]:
 EXTRA_SETS = {"consep": consep_training_set, "gbm40": gbm40_training_set}
 
 
-def monuseg(steps: int, unet_mpp: float, extra: list[str], base_channels: int, unet: bool = True) -> None:
+def monuseg(unet_kwargs: dict, extra: list[str], folds: list[int], unet: bool = True) -> None:
     import scellst
 
     tiles = scellst.datasets.annotated_tiles("monuseg", path=DATA / "monuseg")
@@ -91,24 +91,23 @@ def monuseg(steps: int, unet_mpp: float, extra: list[str], base_channels: int, u
     print(f"MoNuSeg classical (13 tiles): {summary(rows)}; {speed:.2f} MP/s", flush=True)
     if not unet:
         return
-    folds = [list(range(0, 13, 2)), list(range(1, 13, 2))]
+    splits = [list(range(0, 13, 2)), list(range(1, 13, 2))]
     all_rows, speeds = [], []
     extra_imgs, extra_masks = [], []  # read once for both folds
     for name in extra:
         i, m = EXTRA_SETS[name]()
         extra_imgs, extra_masks = extra_imgs + i, extra_masks + m
-    for k, train in enumerate(folds):
+    for k in folds:
+        train = splits[k]
         test = [i for i in range(13) if i not in train]
         t0 = time.perf_counter()
         model = scellst.tl.train_segmenter(
             [imgs[i] for i in train] + extra_imgs,
             [masks[i] for i in train] + extra_masks,
             microns_per_pixel=[mpps[i] for i in train] + [0.25] * len(extra_imgs),
-            working_mpp=unet_mpp,
-            n_steps=steps,
-            base_channels=base_channels,
             seed=k,
             show_progress_bar=False,
+            **unet_kwargs,
         )
         train_s = time.perf_counter() - t0
         rows, speed = score([imgs[i] for i in test], [masks[i] for i in test], [mpps[i] for i in test], model)
@@ -118,13 +117,15 @@ def monuseg(steps: int, unet_mpp: float, extra: list[str], base_channels: int, u
             f"  U-Net fold {k}: trained on {len(train)} tiles in {train_s:.0f} s; {len(test)} held-out tiles: {summary(rows)}",
             flush=True,
         )
-    print(
-        f"MoNuSeg U-Net (every tile scored by the model that did not see it): {summary(all_rows)}; {np.mean(speeds):.2f} MP/s",
-        flush=True,
-    )
+    if len(folds) == len(splits):
+        print(
+            f"MoNuSeg U-Net (every tile scored by the model that did not see it): {summary(all_rows)}; "
+            f"{np.mean(speeds):.2f} MP/s",
+            flush=True,
+        )
 
 
-def consep(steps: int, unet_mpp: float, base_channels: int, unet: bool = True) -> None:
+def consep(unet_kwargs: dict, unet: bool = True) -> None:
     import scellst
 
     patches = scellst.datasets.consep_patches(path=DATA / "consep")
@@ -152,10 +153,8 @@ def consep(steps: int, unet_mpp: float, base_channels: int, unet: bool = True) -
         classes=[cls_maps[i] for i in train],
         class_names=class_names,
         microns_per_pixel=0.25,
-        working_mpp=unet_mpp,
-        n_steps=steps,
-        base_channels=base_channels,
         show_progress_bar=False,
+        **unet_kwargs,
     )
     train_s = time.perf_counter() - t0
     test_set = ([imgs[i] for i in test], [masks[i] for i in test], [0.25] * len(test))
@@ -237,6 +236,17 @@ def main() -> None:
         default="consep,gbm40",
         help="extra training sets for the MoNuSeg U-Nets, comma-separated from: consep, gbm40 ('' for none)",
     )
+    parser.add_argument(
+        "--hv",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="U-Nets also predict centre offsets (train_segmenter(hv=...))",
+    )
+    parser.add_argument(
+        "--zoom", type=float, nargs=2, default=None, metavar=("LOW", "HIGH"), help="train_segmenter(zoom=...)"
+    )
+    parser.add_argument("--blur", type=float, default=0.0, help="train_segmenter(blur=...)")
+    parser.add_argument("--folds", default="0,1", help="MoNuSeg folds to train and score: 0 (even tiles), 1 (odd)")
     parser.add_argument("--large", type=int, default=20000)
     parser.add_argument("--skip-unet", action="store_true", help="only the classical segmenter on MoNuSeg/CoNSeP")
     parser.add_argument("--skip-monuseg", action="store_true")
@@ -247,13 +257,21 @@ def main() -> None:
     import logging
 
     logging.getLogger("scellst").setLevel(logging.WARNING)
+    unet_kwargs = {
+        "n_steps": args.steps,
+        "working_mpp": args.unet_mpp,
+        "base_channels": args.base_channels,
+        "hv": args.hv,
+        "zoom": args.zoom,
+        "blur": args.blur,
+    }
     if not args.skip_monuseg:
         extra = [e for e in args.extra.split(",") if e]
         if unknown := set(extra) - set(EXTRA_SETS):
             parser.error(f"--extra: unknown training sets {sorted(unknown)}; choose from {sorted(EXTRA_SETS)}")
-        monuseg(args.steps, args.unet_mpp, extra, args.base_channels, unet=not args.skip_unet)
+        monuseg(unet_kwargs, extra, [int(k) for k in args.folds.split(",")], unet=not args.skip_unet)
     if not args.skip_consep:
-        consep(args.steps, args.unet_mpp, args.base_channels, unet=not args.skip_unet)
+        consep(unet_kwargs, unet=not args.skip_unet)
     if not args.skip_large:
         large(args.large)
     if not args.skip_her2st:
