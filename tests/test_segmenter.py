@@ -246,6 +246,8 @@ def test_offsets_split_touching_nuclei():
     assert plain.instances(maps[:2])[0].max() == 1
     split, _ = with_offsets.instances(maps)
     assert split.max() == 2
+    with pytest.raises(ValueError, match="hv_edge"):
+        with_offsets.instances(maps, hv_edge=0)
     assert len(np.unique(split[lab == 1])) == len(np.unique(split[lab == 2])) == 1  # each nucleus is one object
 
 

@@ -199,6 +199,8 @@ class NucleusUNet:
         if cfg.hv:
             hv0 = 2 + cfg.n_classes
             edge = cfg.hv_edge if hv_edge is None else hv_edge
+            if edge <= 0:
+                raise ValueError(f"`hv_edge` must be > 0 (offset fall per pixel of a full boundary), got {edge}.")
             dist = dist * (1 - hv_boundary(maps[hv0], maps[hv0 + 1], edge))
         min_px = max(cfg.min_area_um2 / cfg.microns_per_pixel**2, 4)
         if seed_h > 0:
