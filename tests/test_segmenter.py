@@ -237,7 +237,7 @@ def test_offsets_split_touching_nuclei():
     lab = np.zeros((40, 60), int)
     lab[10:30, 10:30] = 1
     lab[10:30, 30:50] = 2
-    _, merged_dist = _targets((lab > 0).astype(int))  # a distance map blind to the contact
+    _, merged_dist, _ = _targets((lab > 0).astype(int))  # a distance map blind to the contact
     _, _, off = _targets(lab, hv=True)
     logit = lambda p: np.log(np.clip(p, 1e-3, 1 - 1e-3) / (1 - np.clip(p, 1e-3, 1 - 1e-3)))  # noqa: E731
     maps = np.concatenate([[logit(lab > 0), logit(merged_dist)], off]).astype(np.float32)

@@ -36,8 +36,8 @@ def resample_labels(labels: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     return labels[np.ix_(ys, xs)]
 
 
-def _targets(labels: np.ndarray, *, hv: bool = False) -> tuple[np.ndarray, ...]:
-    """Foreground, per-nucleus distance to the border normalised to [0, 1] and, with ``hv``, centre offsets.
+def _targets(labels: np.ndarray, *, hv: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Foreground, per-nucleus distance to the border normalised to [0, 1] and, with ``hv``, centre offsets (else None).
 
     The offsets (HoVer-Net's horizontal and vertical maps) are each pixel's position relative to its nucleus's
     centroid, scaled separately on either side of the centre to reach -1 and 1 at the nucleus's extremes.
@@ -62,7 +62,7 @@ def _targets(labels: np.ndarray, *, hv: bool = False) -> tuple[np.ndarray, ...]:
                     if side.any():
                         off[side] /= np.abs(off[side]).max()
                 offsets[axis][sl][yy, xx] = off
-    return (fg.astype(np.float32), dist) if not hv else (fg.astype(np.float32), dist, offsets)
+    return fg.astype(np.float32), dist, offsets
 
 
 def _augment_offsets(offsets: np.ndarray, k: int, flip: bool) -> np.ndarray:
@@ -241,8 +241,7 @@ def train_segmenter(
             raise ValueError(f"Image {i}: mask shape {mask.shape} differs from image shape {rgb.shape[:2]}.")
         rgb = resample_rgb(rgb, working_mpp / mpps[i])
         lab = resample_labels(mask.astype(np.int32), rgb.shape[:2])
-        fg, dist, *off = _targets(lab, hv=hv)
-        off = off[0] if hv else None
+        fg, dist, off = _targets(lab, hv=hv)
         cls = resample_labels(np.asarray(classes[i]).astype(np.int64), rgb.shape[:2]) if classes is not None else None
         pad = max(0, crop_size - min(rgb.shape[:2]))
         if pad:
