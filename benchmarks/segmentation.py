@@ -269,7 +269,10 @@ def main() -> None:
         extra = [e for e in args.extra.split(",") if e]
         if unknown := set(extra) - set(EXTRA_SETS):
             parser.error(f"--extra: unknown training sets {sorted(unknown)}; choose from {sorted(EXTRA_SETS)}")
-        monuseg(unet_kwargs, extra, [int(k) for k in args.folds.split(",")], unet=not args.skip_unet)
+        folds = [int(k) for k in args.folds.split(",") if k.strip()]
+        if not folds or set(folds) - {0, 1}:
+            parser.error(f"--folds: comma-separated from 0 and 1, got {args.folds!r}")
+        monuseg(unet_kwargs, extra, folds, unet=not args.skip_unet)
     if not args.skip_consep:
         consep(unet_kwargs, unet=not args.skip_unet)
     if not args.skip_large:

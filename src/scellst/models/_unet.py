@@ -55,6 +55,11 @@ def n_outputs(config: UNetConfig) -> int:
     return 2 + config.n_classes + (2 if config.hv else 0)
 
 
+def offsets_channel(config: UNetConfig) -> int:
+    """Output channel of the horizontal centre offset (the vertical one follows), for models with ``hv``."""
+    return 2 + config.n_classes
+
+
 def hv_boundary(h: np.ndarray, v: np.ndarray, scale: float) -> np.ndarray:
     """Where the predicted centre offsets jump backwards, in [0, 1]: the line between two touching nuclei.
 
@@ -139,7 +144,7 @@ class NucleusUNet:
         return self._net
 
     def predict_maps(self, rgb: np.ndarray, *, tta: bool | None = None) -> np.ndarray:
-        """Network outputs (logits) ``(2 + n_classes, y, x)`` for an RGB image at the working resolution.
+        """Network outputs (logits, :func:`n_outputs` channels) ``(c, y, x)`` for an RGB image at the working resolution.
 
         With ``tta`` (default: ``config.tta``) the outputs are averaged over the image and its three flips.
         """
@@ -153,7 +158,7 @@ class NucleusUNet:
         x = x.contiguous(memory_format=torch.channels_last)
         flips = [(), (-1,), (-2,), (-2, -1)] if tta else [()]
         outs = []
-        hv0 = 2 + self.config.n_classes  # channel of the horizontal offset (when `hv`)
+        hv0 = offsets_channel(self.config)
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16(self.config.precision)):
             for f in flips:
                 y = self.network(torch.flip(x, f) if f else x).float()
@@ -197,7 +202,7 @@ class NucleusUNet:
         fg = 1 / (1 + np.exp(-maps[0])) > fg_thr
         dist = 1 / (1 + np.exp(-maps[1]))
         if cfg.hv:
-            hv0 = 2 + cfg.n_classes
+            hv0 = offsets_channel(cfg)
             edge = cfg.hv_edge if hv_edge is None else hv_edge
             if edge <= 0:
                 raise ValueError(f"`hv_edge` must be > 0 (offset fall per pixel of a full boundary), got {edge}.")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -95,6 +95,16 @@ def stain_jitter(od: np.ndarray, rng: np.random.Generator, *, scale: float = 0.2
     mix = (hed_from_rgb * gain) @ rgb_from_hed  # od_row @ mix: to concentrations, scaled, back to optical density
     bias = offset @ rgb_from_hed
     return np.einsum("cyx,cd->dyx", od, mix) + bias[:, None, None]
+
+
+class _Example(NamedTuple):
+    """One training image (or crop) at the working resolution and its targets."""
+
+    od: np.ndarray  # (3, y, x) optical density
+    fg: np.ndarray
+    dist: np.ndarray
+    cls: np.ndarray | None  # class map (training images: 0 background; crops: -1 background, ignored)
+    offsets: np.ndarray | None  # (2, y, x) centre offsets, with `hv`
 
 
 def _offset_loss(pred, target, fg):
@@ -214,7 +224,7 @@ def train_segmenter(
     from scipy import ndimage as ndi
     from tqdm.auto import tqdm
 
-    from ..models._unet import NucleusUNet, UNetConfig, build_unet, normalise_rgb, use_bf16
+    from ..models._unet import NucleusUNet, UNetConfig, build_unet, normalise_rgb, offsets_channel, use_bf16
 
     if len(images) != len(masks) or not images:
         raise ValueError(f"Need as many masks as images (got {len(images)} images and {len(masks)} masks).")
@@ -249,9 +259,9 @@ def train_segmenter(
             fg, dist = np.pad(fg, ((0, pad), (0, pad))), np.pad(dist, ((0, pad), (0, pad)))
             cls = None if cls is None else np.pad(cls, ((0, pad), (0, pad)))
             off = None if off is None else np.pad(off, ((0, 0), (0, pad), (0, pad)))
-        data.append((normalise_rgb(rgb), fg, dist, cls, off))
+        data.append(_Example(normalise_rgb(rgb), fg, dist, cls, off))
         held.append((rgb[: lab.shape[0], : lab.shape[1]], lab))  # unpadded, to calibrate
-    n_classes = int(max(int(c.max()) for _, _, _, c, _ in data)) if classes is not None else 0
+    n_classes = int(max(int(e.cls.max()) for e in data)) if classes is not None else 0
     names = list(class_names) if class_names is not None else [str(k) for k in range(1, n_classes + 1)]
     config = UNetConfig(
         base_channels=base_channels,
@@ -269,7 +279,7 @@ def train_segmenter(
     bce = torch.nn.BCEWithLogitsLoss()
     ce = torch.nn.CrossEntropyLoss(ignore_index=-1)
 
-    area = np.array([f.size for _, f, *_ in data], dtype=float)
+    area = np.array([e.fg.size for e in data], dtype=float)
 
     def sample():
         x, f, d, c, o = data[rng.choice(len(data), p=area / area.sum())]  # every pixel equally likely
@@ -297,7 +307,7 @@ def train_segmenter(
             return np.flip(a, axis=axes[1]) if flip else a
 
         x = stain_jitter(aug(x, (1, 2)), rng)
-        return (
+        return _Example(
             np.ascontiguousarray(x, dtype=np.float32),
             np.ascontiguousarray(aug(f, (0, 1))),
             np.ascontiguousarray(aug(d, (0, 1))),
@@ -310,9 +320,9 @@ def train_segmenter(
     bar = tqdm(range(n_steps), desc="train_segmenter", disable=not show_progress_bar)
     for _ in bar:
         batch = [sample() for _ in range(batch_size)]
-        x = torch.from_numpy(np.stack([b[0] for b in batch])).contiguous(memory_format=torch.channels_last)
-        f = torch.from_numpy(np.stack([b[1] for b in batch]))
-        d = torch.from_numpy(np.stack([b[2] for b in batch]))
+        x = torch.from_numpy(np.stack([b.od for b in batch])).contiguous(memory_format=torch.channels_last)
+        f = torch.from_numpy(np.stack([b.fg for b in batch]))
+        d = torch.from_numpy(np.stack([b.dist for b in batch]))
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             out_t = net(x)
         out_t = out_t.float()  # losses in float32
@@ -320,11 +330,11 @@ def train_segmenter(
         dice = 1 - (2 * (prob * f).sum() + 1) / (prob.sum() + f.sum() + 1)
         loss = bce(out_t[:, 0], f) + dice + bce(out_t[:, 1], d)
         if n_classes:
-            c = torch.from_numpy(np.stack([b[3] for b in batch]))
+            c = torch.from_numpy(np.stack([b.cls for b in batch]))
             loss = loss + ce(out_t[:, 2 : 2 + n_classes], c)
         if hv:
-            o = torch.from_numpy(np.stack([b[4] for b in batch]))
-            loss = loss + _offset_loss(out_t[:, 2 + n_classes :], o, f)
+            o = torch.from_numpy(np.stack([b.offsets for b in batch]))
+            loss = loss + _offset_loss(out_t[:, offsets_channel(config) :], o, f)
         opt.zero_grad()
         loss.backward()
         opt.step()
