@@ -144,7 +144,7 @@ class NucleusUNet:
         return self._net
 
     def predict_maps(self, rgb: np.ndarray, *, tta: bool | None = None) -> np.ndarray:
-        """Network outputs (logits, :func:`n_outputs` channels) ``(c, y, x)`` for an RGB image at the working resolution.
+        """Network outputs ``(c, y, x)`` (logits, :func:`n_outputs` channels) for an RGB image at working resolution.
 
         With ``tta`` (default: ``config.tta``) the outputs are averaged over the image and its three flips.
         """
