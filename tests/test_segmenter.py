@@ -161,7 +161,7 @@ def test_model_upsamples_coarser_images(tissue):
     seen = []
 
     class DarkPixels(NucleusUNet):
-        def segment(self, rgb):
+        def segment(self, rgb, **kwargs):
             seen.append(rgb.shape)
             return ndi.label(ndi.gaussian_filter(rgb.mean(axis=-1), 2) < 160)[0].astype(np.int32), None
 
@@ -182,6 +182,41 @@ def test_model_upsamples_coarser_images(tissue):
     assert np.quantile(d, 0.9) < 0.3
     ratio = b.shapes["nuclei"]["area_um2"].sum() / a.shapes["nuclei"]["area_um2"].sum()
     assert ratio == pytest.approx(1.0, abs=0.05)
+
+
+def test_min_area_reaches_model_post_processing():
+    """``segment_nuclei(min_area_um2=...)`` sets the smallest nucleus a U-Net keeps, not the value saved with it.
+
+    The stand-in predicts two round nuclei (about 50 and 5 um2); its saved ``min_area_um2`` is 8.
+    """
+    from scellst.models import NucleusUNet, UNetConfig
+
+    class TwoNuclei(NucleusUNet):
+        def predict_maps(self, rgb, *, tta=None):
+            yy, xx = np.mgrid[: rgb.shape[0], : rgb.shape[1]]
+            dist = np.zeros(rgb.shape[:2])
+            for (cy, cx), radius in (((30, 30), 8.0), ((70, 70), 2.5)):
+                r = np.hypot(yy - cy, xx - cx)
+                dist = np.maximum(dist, np.clip(1 - r / radius, 0, 1))
+            fg = np.where(dist > 0, 10.0, -10.0)
+            return np.stack([fg, np.log((dist + 1e-3) / (1 - dist + 1e-3))]).astype(np.float32)
+
+    model = TwoNuclei(config=UNetConfig(microns_per_pixel=0.5), state_dict={})
+    image = np.full((100, 100, 3), 230, dtype=np.uint8)
+    areas = {}
+    for min_area in (8.0, 3.0):
+        sdata = scellst.io.from_image(image, microns_per_pixel=0.5)
+        scellst.pp.segment_nuclei(
+            sdata, method=model, min_area_um2=min_area, show_progress_bar=False, labels_key_added=""
+        )
+        areas[min_area] = np.sort(sdata.shapes["nuclei"]["area_um2"].to_numpy())
+    assert len(areas[8.0]) == 1
+    assert areas[8.0][0] > 40
+    assert len(areas[3.0]) == 2
+    assert 3 < areas[3.0][0] < 8
+    assert model.instances(model.predict_maps(image))[0].max() == 1  # the model's own default: 8 um2
+    with pytest.raises(ValueError, match="min_area_um2"):
+        model.instances(model.predict_maps(image), min_area_um2=0)
 
 
 def test_unet_precision(small_model, tissue):

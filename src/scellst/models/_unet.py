@@ -169,9 +169,14 @@ class NucleusUNet:
                 outs.append(y)
         return torch.stack(outs).mean(0)[0].numpy()[:, :h, :w]
 
-    def segment(self, rgb: np.ndarray) -> tuple[np.ndarray, dict[int, int] | None]:
-        """Instance labels (and the class of each instance, when the model has classes) at the working resolution."""
-        return self.instances(self.predict_maps(rgb))
+    def segment(
+        self, rgb: np.ndarray, *, min_area_um2: float | None = None
+    ) -> tuple[np.ndarray, dict[int, int] | None]:
+        """Instance labels (and the class of each instance, when the model has classes) at the working resolution.
+
+        ``min_area_um2`` (default: the model's) is the smallest nucleus kept; see :meth:`instances`.
+        """
+        return self.instances(self.predict_maps(rgb), min_area_um2=min_area_um2)
 
     def instances(
         self,
@@ -181,6 +186,7 @@ class NucleusUNet:
         seed_threshold: float | None = None,
         seed_h: float | None = None,
         hv_edge: float | None = None,
+        min_area_um2: float | None = None,
     ) -> tuple[np.ndarray, dict[int, int] | None]:
         """Nuclei from the network outputs (logits from :meth:`predict_maps`).
 
@@ -189,8 +195,9 @@ class NucleusUNet:
         nuclei whose predicted centre is not confident; seeds grow by a watershed of the distance map over the
         foreground (probability above ``foreground_threshold``). With offset maps (``config.hv``), the distance map is
         first lowered where the offsets jump backwards (:func:`hv_boundary` with scale ``hv_edge``), which splits
-        touching nuclei that the distance map alone merges. All default to the model's values, which
-        :func:`scellst.tl.train_segmenter` calibrates on its training images.
+        touching nuclei that the distance map alone merges. Objects under ``min_area_um2`` square microns are
+        dropped, and seed specks under an eighth of it are ignored. All default to the model's values; the thresholds
+        are the ones :func:`scellst.tl.train_segmenter` calibrated on its training images.
         """
         from scipy import ndimage as ndi
         from skimage.segmentation import watershed
@@ -207,7 +214,10 @@ class NucleusUNet:
             if edge <= 0:
                 raise ValueError(f"`hv_edge` must be > 0 (offset fall per pixel of a full boundary), got {edge}.")
             dist = dist * (1 - hv_boundary(maps[hv0], maps[hv0 + 1], edge))
-        min_px = max(cfg.min_area_um2 / cfg.microns_per_pixel**2, 4)
+        min_area_um2 = cfg.min_area_um2 if min_area_um2 is None else min_area_um2
+        if min_area_um2 <= 0:
+            raise ValueError(f"`min_area_um2` must be > 0 (square microns), got {min_area_um2}.")
+        min_px = max(min_area_um2 / cfg.microns_per_pixel**2, 4)
         if seed_h > 0:
             from skimage.filters import gaussian
             from skimage.morphology import h_maxima

@@ -214,15 +214,20 @@ class ClassicalSegmenter:
 
 
 class UNetSegmenter:
-    """A U-Net from :func:`scellst.tl.train_segmenter`, at its training resolution."""
+    """A U-Net from :func:`scellst.tl.train_segmenter`, at its training resolution.
 
-    def __init__(self, model) -> None:
+    Its post-processing keeps nuclei of at least ``min_area_um2``, the value given to :func:`segment_nuclei`
+    (not the one saved with the model), so that the engine's size filter applies to every method alike.
+    """
+
+    def __init__(self, model, min_area_um2: float) -> None:
         self.model = model
+        self.min_area_um2 = min_area_um2
         self.working_mpp = model.config.microns_per_pixel
         self.class_names = tuple(model.config.class_names) if model.config.n_classes else ()
 
     def __call__(self, rgb: np.ndarray) -> tuple[np.ndarray, dict | None]:
-        return self.model.segment(rgb)
+        return self.model.segment(rgb, min_area_um2=self.min_area_um2)
 
 
 def _polygons_from_labels(
@@ -349,7 +354,7 @@ def _make_segmenter(method, *, weights, params, threshold, working_mpp, arr0, mp
     from ._backends import BACKENDS, backend_segmenter
 
     if isinstance(method, NucleusUNet):
-        return UNetSegmenter(method)
+        return UNetSegmenter(method, params.min_area_um2)
     if method == "classical":
         if threshold is None:
             threshold = estimate_threshold(arr0, microns_per_pixel=mpp, working_mpp=working_mpp)
@@ -357,7 +362,7 @@ def _make_segmenter(method, *, weights, params, threshold, working_mpp, arr0, mp
     if method in BACKENDS:
         return backend_segmenter(method, weights=weights, microns_per_pixel=max(working_mpp, mpp))
     if isinstance(method, str | Path) and (Path(method).exists() or Path(method).suffix in {".pt", ".pth"}):
-        return UNetSegmenter(NucleusUNet.load(method))  # a missing file raises FileNotFoundError
+        return UNetSegmenter(NucleusUNet.load(method), params.min_area_um2)  # a missing file: FileNotFoundError
     raise ValueError(
         f"Unknown segmentation method {method!r}: use 'classical', the path of a model from "
         f"`scellst.tl.train_segmenter`, or one of the optional backends {BACKENDS} (with `weights=`)."
@@ -416,7 +421,8 @@ def segment_nuclei(
         Resolution the classical segmenter works at, in microns per pixel (a trained model uses its own). Images
         at a finer resolution are downsampled; coarser images are used as they are.
     min_area_um2, max_area_um2
-        Accepted nucleus areas, in square microns.
+        Accepted nucleus areas, in square microns, for every method (a trained model's post-processing drops the
+        objects under ``min_area_um2`` too, whatever it was saved with).
     min_distance_um
         Minimal distance between two nucleus centres (classical method).
     threshold
