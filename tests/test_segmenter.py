@@ -144,6 +144,33 @@ def test_unet_post_processing_options(small_model, tissue):
     assert len(np.unique(low)) >= len(np.unique(high)) > 1
 
 
+def test_unet_file_versions(small_model, tmp_path):
+    """Old model files load; newer ones give a clear "upgrade scellst" error.
+
+    A format-1 file (before centre offsets) loads with the new settings at their defaults; a file of a newer format
+    or with unknown settings names them.
+    """
+    import torch
+
+    from scellst.models import NucleusUNet
+
+    path, model = small_model
+    payload = torch.load(path, weights_only=True)
+    old = {
+        **payload,
+        "version": 1,
+        "config": {k: v for k, v in payload["config"].items() if k not in ("hv", "hv_edge")},
+    }
+    torch.save(old, tmp_path / "v1.pt")
+    assert NucleusUNet.load(tmp_path / "v1.pt").config == model.config
+    torch.save({**payload, "version": 99}, tmp_path / "v99.pt")
+    with pytest.raises(ValueError, match="newer scellst"):
+        NucleusUNet.load(tmp_path / "v99.pt")
+    torch.save({**payload, "config": {**payload["config"], "future_option": 1}}, tmp_path / "unknown.pt")
+    with pytest.raises(ValueError, match="future_option"):
+        NucleusUNet.load(tmp_path / "unknown.pt")
+
+
 def test_model_upsamples_coarser_images(tissue):
     """A model working at 0.5 um/px applied to a 1 um/px image: tiles are upsampled, nuclei land in the right place.
 

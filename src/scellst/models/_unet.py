@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
 
-UNET_FORMAT = 1
+UNET_FORMAT = 2  # 2: centre-offset outputs (hv, hv_edge); format-1 files load with their defaults
 
 
 @dataclass
@@ -271,4 +271,12 @@ class NucleusUNet:
         payload = load_payload(path, what="segmentation model")
         if payload.get("format") != "scellst-unet":
             raise ValueError(f"{str(path)!r} is not a scellst segmentation model (from `scellst.tl.train_segmenter`).")
+        version = payload.get("version", 1)
+        unknown = set(payload["config"]) - {f.name for f in fields(UNetConfig)}
+        if version > UNET_FORMAT or unknown:
+            raise ValueError(
+                f"{str(path)!r} was saved by a newer scellst (segmentation model format {version}, "
+                f"this one reads up to {UNET_FORMAT}{'; unknown settings ' + str(sorted(unknown)) if unknown else ''}): "
+                "upgrade scellst (`pip install -U scellst`) to use it."
+            )
         return cls(config=UNetConfig(**payload["config"]), state_dict=payload["state_dict"], history=payload["history"])
