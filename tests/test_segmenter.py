@@ -94,6 +94,40 @@ def test_bad_images_give_clear_errors():
     assert scellst.io.from_image(rgba, microns_per_pixel=0.5).images["he"].shape[0] == 3  # alpha dropped
 
 
+def test_wrong_resolution_is_flagged(tissue, caplog):
+    """A resolution declared 2x too fine is flagged by the median nucleus area.
+
+    Declaring the 0.5 um/px image at 0.25 um/px makes its nuclei 4x too small in um2: a warning names the microns
+    per pixel; the right resolution gives none.
+    """
+    rgb = np.moveaxis(np.asarray(tissue.images["he"]["scale0"].image[:, :600, :600]), 0, -1)
+    with caplog.at_level("WARNING", logger="scellst"):
+        scellst.pp.segment_nuclei(scellst.io.from_image(rgb, microns_per_pixel=0.5), show_progress_bar=False)
+    assert "microns per pixel" not in caplog.text
+    with caplog.at_level("WARNING", logger="scellst"):
+        scellst.pp.segment_nuclei(scellst.io.from_image(rgb, microns_per_pixel=0.25), show_progress_bar=False)
+    assert "median nucleus area" in caplog.text
+    assert "0.25 um/px" in caplog.text
+
+
+def test_size_check_ignores_cut_nuclei_and_small_samples(caplog):
+    """Small nuclei (10 um2) are flagged only when at least 20 of them lie off the image border."""
+    import geopandas as gpd
+    from shapely.geometry import box
+
+    from scellst.pp._segment import _check_nucleus_sizes
+
+    def nuclei(n: int, on_border: bool) -> gpd.GeoDataFrame:
+        x0 = [-0.5 if on_border else 10.0 + 20 * i for i in range(n)]
+        return gpd.GeoDataFrame({"area_um2": [10.0] * n}, geometry=[box(x, 50, x + 6, 56) for x in x0])
+
+    for n, on_border, warned in ((30, False, True), (30, True, False), (10, False, False)):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="scellst"):
+            _check_nucleus_sizes(nuclei(n, on_border), (100, 1000), 8.0, 250.0, what="'he'")
+        assert ("median nucleus area" in caplog.text) == warned, (n, on_border)
+
+
 def test_pyramid_level_and_working_resolution(tissue):
     """Segmenting at 1 um/px reads a coarser pyramid level; nuclei come back in level-0 pixels at the same places."""
     from scipy.spatial import cKDTree

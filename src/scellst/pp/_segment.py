@@ -521,12 +521,7 @@ def segment_nuclei(
         names = ["unknown", *segmenter.class_names]
         codes = np.concatenate([np.asarray(res[2], dtype=int) for res in results])
         gdf["class"] = pd.Categorical([names[c] if 0 <= c < len(names) else "unknown" for c in codes])
-    median_area = float(np.median(areas))
-    if median_area < 2 * min_area_um2 or median_area > 0.5 * max_area_um2:
-        logger.warning(
-            f"The median nucleus area is {median_area:.1f} um2, unusual for H&E (typically 20-60 um2): check the "
-            f"microns per pixel of {image_key!r} ({mpp})."
-        )
+    _check_nucleus_sizes(gdf, (h, w), min_area_um2, max_area_um2, what=f"{image_key!r} ({mpp} um/px)")
     transformations = get_transformation(sdata.images[image_key], get_all=True)
     shapes = ShapesModel.parse(gdf, transformations=transformations)
     write_element(sdata, key_added, shapes, overwrite=overwrite, what=f"{len(polys):,} nuclei")
@@ -535,6 +530,30 @@ def segment_nuclei(
         labels = rasterize_nuclei(gdf, (h, w))
         labels_el = Labels2DModel.parse(labels, dims=("y", "x"), transformations=transformations)
         write_element(sdata, labels_key, labels_el, overwrite=overwrite, what="nucleus label image")
+
+
+MIN_NUCLEI_FOR_SIZE_CHECK = 20
+
+
+def _check_nucleus_sizes(
+    gdf: gpd.GeoDataFrame, shape: tuple[int, int], min_area_um2: float, max_area_um2: float, *, what: str
+) -> None:
+    """Warn when the median nucleus area suggests a wrong microns per pixel.
+
+    Nuclei cut by the image border are partial, so the median is taken over the others, and only when there are
+    at least ``MIN_NUCLEI_FOR_SIZE_CHECK`` of them (a small patch says little).
+    """
+    h, w = shape
+    b = gdf.bounds  # level-0 pixel-centre frame; the image spans -0.5 .. w - 0.5
+    inner = (b["minx"] > 0.5) & (b["miny"] > 0.5) & (b["maxx"] < w - 1.5) & (b["maxy"] < h - 1.5)
+    if inner.sum() < MIN_NUCLEI_FOR_SIZE_CHECK:
+        return
+    median_area = float(gdf.loc[inner, "area_um2"].median())
+    if median_area < 2 * min_area_um2 or median_area > 0.5 * max_area_um2:
+        logger.warning(
+            f"The median nucleus area is {median_area:.1f} um2, unusual for H&E (typically 20-60 um2): check the "
+            f"microns per pixel of {what}."
+        )
 
 
 def _compute_with_progress(tasks: list, *, show_progress_bar: bool, desc: str) -> list:
