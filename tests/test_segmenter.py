@@ -72,6 +72,9 @@ def test_segmenter_input_errors(tissue):
         scellst.tl.train_segmenter([img], [np.zeros((50, 50), int)], microns_per_pixel=0.5, zoom=(1.25, 0.8))
     with pytest.raises(ValueError, match="blur"):
         scellst.tl.train_segmenter([img], [np.zeros((50, 50), int)], microns_per_pixel=0.5, blur=2)
+    for bad in ([1.0, 1.0], [-1.0], [np.nan], [0.0]):
+        with pytest.raises(ValueError, match="image_weights"):
+            scellst.tl.train_segmenter([img], [np.zeros((50, 50), int)], microns_per_pixel=0.5, image_weights=bad)
     from .conftest import fresh_copy
 
     sdata = fresh_copy(tissue)
@@ -143,6 +146,14 @@ def test_pyramid_level_and_working_resolution(tissue):
     d, _ = cKDTree(truth).query(pred)
     assert np.median(d) * 0.5 < 1.5  # within 1.5 um of a true nucleus centre
     assert len(pred) > 0.5 * len(truth)
+
+
+def test_crop_probabilities_follow_pixels_and_weights():
+    from scellst.tl._segmenter import _crop_probabilities
+
+    pixels = np.array([1e6, 3e6, 1e6])
+    np.testing.assert_allclose(_crop_probabilities(pixels, None), [0.2, 0.6, 0.2])  # every pixel equally likely
+    np.testing.assert_allclose(_crop_probabilities(pixels, [3, 1, 0]), [0.5, 0.5, 0.0])
 
 
 def test_resample_labels_keeps_ids():

@@ -144,6 +144,7 @@ def train_segmenter(
     microns_per_pixel: float | Sequence[float],
     classes: Sequence[np.ndarray] | None = None,
     class_names: Sequence[str] | None = None,
+    image_weights: Sequence[float] | None = None,
     out: str | Path | None = None,
     working_mpp: float | None = None,
     crop_size: int = 128,
@@ -181,6 +182,10 @@ def train_segmenter(
         Optional per-pixel class maps (0 background, 1..K) for a class-aware model.
     class_names
         Names of classes 1..K.
+    image_weights
+        Relative sampling weight of each image's pixels (one non-negative value per image); ``None``: every pixel of
+        the training set equally likely. For example, weight a few tiles of your own tissue up against a large
+        public set.
     out
         Where to save the model (``segment_nuclei(method=out)`` then uses it).
     working_mpp
@@ -240,6 +245,8 @@ def train_segmenter(
         raise ValueError(f"`zoom` must be a range (low, high) with 0 < low <= high, e.g. (0.8, 1.25); got {zoom}.")
     if not 0 <= blur <= 1:
         raise ValueError(f"`blur` is a probability in [0, 1], got {blur}.")
+    if image_weights is not None:
+        _crop_probabilities(np.ones(len(images)), image_weights)  # validates before any work
     bf16 = use_bf16(precision)  # validates `precision` before any work
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
@@ -279,10 +286,10 @@ def train_segmenter(
     bce = torch.nn.BCEWithLogitsLoss()
     ce = torch.nn.CrossEntropyLoss(ignore_index=-1)
 
-    area = np.array([e.fg.size for e in data], dtype=float)
+    crop_p = _crop_probabilities(np.array([e.fg.size for e in data], dtype=float), image_weights)
 
     def sample():
-        x, f, d, c, o = data[rng.choice(len(data), p=area / area.sum())]  # every pixel equally likely
+        x, f, d, c, o = data[rng.choice(len(data), p=crop_p)]
         h, w = f.shape
         side = crop_size
         if zoom is not None:  # a crop of another size, resized to crop_size: nuclei look bigger or smaller
@@ -350,6 +357,19 @@ def train_segmenter(
         model.save(out)
         logger.info(f"Saved the segmentation model to {out}")
     return model
+
+
+def _crop_probabilities(n_pixels: np.ndarray, image_weights: Sequence[float] | None) -> np.ndarray:
+    """Probability that a training crop comes from each image: proportional to its pixels, times its weight."""
+    p = np.asarray(n_pixels, dtype=float)
+    if image_weights is not None:
+        w = np.asarray(image_weights, dtype=float)
+        if w.shape != p.shape or not np.all(np.isfinite(w) & (w >= 0)):
+            raise ValueError(f"`image_weights` needs one finite, non-negative value per image ({len(p)}), got {w}.")
+        if not w.any():
+            raise ValueError("`image_weights` are all zero: at least one image must be sampled.")
+        p = p * w
+    return p / p.sum()
 
 
 FOREGROUND_THRESHOLDS = (0.4, 0.5, 0.6)
