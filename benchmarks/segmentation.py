@@ -3,12 +3,14 @@
 Usage (from the repository root, with ../shared/data present):
 
     python benchmarks/segmentation.py [--steps 4000] [--unet-mpp 0.25] [--base-channels 32] [--extra consep,gbm40]
-                                      [--hv] [--zoom LOW HIGH] [--blur P] [--folds 0,1] [--large 20000]
+                                      [--monuseg-weight 1] [--hv] [--zoom LOW HIGH] [--blur P] [--n-folds 2]
+                                      [--folds 0,1] [--large 20000]
                                       [--skip-unet] [--skip-monuseg] [--skip-consep] [--skip-large] [--skip-her2st]
 
 1. MoNuSeg (13 tiles, manual outlines): the default classical segmenter on every tile, and U-Nets from
-   ``train_segmenter`` in two folds (even / odd tiles), each scored only on the tiles it did not see; the 224 CoNSeP
-   patches (colorectal) and the 40 GBM40 tiles (glioblastoma) are added to the training tiles (``--extra``).
+   ``train_segmenter`` in ``--n-folds`` folds (2: even / odd tiles), each scored only on the tiles it did not see
+   (their AJI printed per tile); the 224 CoNSeP patches (colorectal) and the 40 GBM40 tiles (glioblastoma) are added
+   to the training tiles (``--extra``).
 2. CoNSeP (224 patches, 4 classes): classical, and a class-aware U-Net trained on the patches of images 1-7 and
    scored on images 8-14, with per-class detection F1.
 3. Speed (megapixels of the input per second) and peak memory of the classical segmenter on a dask-backed synthetic
@@ -81,7 +83,23 @@ def gbm40_training_set() -> tuple[list, list]:
 EXTRA_SETS = {"consep": consep_training_set, "gbm40": gbm40_training_set}
 
 
-def monuseg(unet_kwargs: dict, extra: list[str], folds: list[int], unet: bool = True) -> None:
+def monuseg_folds(n_tiles: int, n_folds: int) -> list[list[int]]:
+    """Held-out tiles of each fold: fold ``k`` scores the tiles ``i`` with ``i % n_folds == (k + 1) % n_folds``.
+
+    With two folds, fold 0 trains on the even tiles and fold 1 on the odd ones; the tiles are listed by TCGA
+    code, so consecutive tiles (often the same organ) fall in different folds.
+    """
+    return [[i for i in range(n_tiles) if i % n_folds == (k + 1) % n_folds] for k in range(n_folds)]
+
+
+def monuseg(
+    unet_kwargs: dict,
+    extra: list[str],
+    folds: list[int],
+    n_folds: int = 2,
+    monuseg_weight: float = 1.0,
+    unet: bool = True,
+) -> None:
     import scellst
 
     tiles = scellst.datasets.annotated_tiles("monuseg", path=DATA / "monuseg")
@@ -91,20 +109,21 @@ def monuseg(unet_kwargs: dict, extra: list[str], folds: list[int], unet: bool = 
     print(f"MoNuSeg classical (13 tiles): {summary(rows)}; {speed:.2f} MP/s", flush=True)
     if not unet:
         return
-    splits = [list(range(0, 13, 2)), list(range(1, 13, 2))]
+    held_out = monuseg_folds(len(tiles), n_folds)
     all_rows, speeds = [], []
     extra_imgs, extra_masks = [], []  # read once for both folds
     for name in extra:
         i, m = EXTRA_SETS[name]()
         extra_imgs, extra_masks = extra_imgs + i, extra_masks + m
     for k in folds:
-        train = splits[k]
-        test = [i for i in range(13) if i not in train]
+        test = held_out[k]
+        train = [i for i in range(len(tiles)) if i not in test]
         t0 = time.perf_counter()
         model = scellst.tl.train_segmenter(
             [imgs[i] for i in train] + extra_imgs,
             [masks[i] for i in train] + extra_masks,
             microns_per_pixel=[mpps[i] for i in train] + [0.25] * len(extra_imgs),
+            image_weights=[monuseg_weight] * len(train) + [1.0] * len(extra_imgs),
             seed=k,
             show_progress_bar=False,
             **unet_kwargs,
@@ -113,11 +132,13 @@ def monuseg(unet_kwargs: dict, extra: list[str], folds: list[int], unet: bool = 
         rows, speed = score([imgs[i] for i in test], [masks[i] for i in test], [mpps[i] for i in test], model)
         all_rows += rows
         speeds.append(speed)
+        per_tile = ", ".join(f"{tiles[i]['name'][:12]} {r['aji']:.3f}" for i, r in zip(test, rows, strict=True))
         print(
-            f"  U-Net fold {k}: trained on {len(train)} tiles in {train_s:.0f} s; {len(test)} held-out tiles: {summary(rows)}",
+            f"  U-Net fold {k}: trained on {len(train)} tiles in {train_s:.0f} s; "
+            f"{len(test)} held-out tiles: {summary(rows)}; AJI per tile: {per_tile}",
             flush=True,
         )
-    if len(folds) == len(splits):
+    if len(folds) == n_folds:
         print(
             f"MoNuSeg U-Net (every tile scored by the model that did not see it): {summary(all_rows)}; "
             f"{np.mean(speeds):.2f} MP/s",
@@ -161,11 +182,11 @@ def consep(unet_kwargs: dict, unet: bool = True) -> None:
     test_classes = [true_cls[i] for i in test]
     rows, speed = score(*test_set, model, true_classes=test_classes)
     print(
-        f"CoNSeP class-aware U-Net (trained on {len(train)} patches in {train_s:.0f} s): {summary(rows)}; {speed:.2f} MP/s",
+        f"CoNSeP class-aware U-Net (trained on {len(train)} patches in {train_s:.0f} s): {summary(rows)}; "
+        f"{speed:.2f} MP/s",
         flush=True,
     )
     # a third of CoNSeP's annotated objects are under the default 8 um2 (many cut by the patch border)
-    model.config.min_area_um2 = 3.0
     rows, _ = score(*test_set, model, true_classes=test_classes, min_area_um2=3.0)
     print(f"  same model keeping nuclei down to 3 um2: {summary(rows)}", flush=True)
 
@@ -237,6 +258,12 @@ def main() -> None:
         help="extra training sets for the MoNuSeg U-Nets, comma-separated from: consep, gbm40 ('' for none)",
     )
     parser.add_argument(
+        "--monuseg-weight",
+        type=float,
+        default=1.0,
+        help="sampling weight of a MoNuSeg pixel against an --extra one (train_segmenter(image_weights=...))",
+    )
+    parser.add_argument(
         "--hv",
         action=argparse.BooleanOptionalAction,
         default=False,
@@ -246,7 +273,12 @@ def main() -> None:
         "--zoom", type=float, nargs=2, default=None, metavar=("LOW", "HIGH"), help="train_segmenter(zoom=...)"
     )
     parser.add_argument("--blur", type=float, default=0.0, help="train_segmenter(blur=...)")
-    parser.add_argument("--folds", default="0,1", help="MoNuSeg folds to train and score: 0 (even tiles), 1 (odd)")
+    parser.add_argument(
+        "--n-folds", type=int, default=2, help="MoNuSeg cross-validation folds (2: train on even / odd tiles)"
+    )
+    parser.add_argument(
+        "--folds", default=None, help="MoNuSeg folds to train and score, comma-separated (default: all)"
+    )
     parser.add_argument("--large", type=int, default=20000)
     parser.add_argument("--skip-unet", action="store_true", help="only the classical segmenter on MoNuSeg/CoNSeP")
     parser.add_argument("--skip-monuseg", action="store_true")
@@ -269,10 +301,15 @@ def main() -> None:
         extra = [e for e in args.extra.split(",") if e]
         if unknown := set(extra) - set(EXTRA_SETS):
             parser.error(f"--extra: unknown training sets {sorted(unknown)}; choose from {sorted(EXTRA_SETS)}")
-        folds = [int(k) for k in args.folds.split(",") if k.strip()]
-        if not folds or set(folds) - {0, 1}:
-            parser.error(f"--folds: comma-separated from 0 and 1, got {args.folds!r}")
-        monuseg(unet_kwargs, extra, folds, unet=not args.skip_unet)
+        if not 2 <= args.n_folds <= 13:
+            parser.error(f"--n-folds: between 2 and 13 (the MoNuSeg tiles), got {args.n_folds}")
+        all_folds = range(args.n_folds)
+        folds = list(all_folds) if args.folds is None else [int(k) for k in args.folds.split(",") if k.strip()]
+        if not folds or set(folds) - set(all_folds):
+            parser.error(f"--folds: comma-separated from 0 to {args.n_folds - 1}, got {args.folds!r}")
+        monuseg(
+            unet_kwargs, extra, folds, n_folds=args.n_folds, monuseg_weight=args.monuseg_weight, unet=not args.skip_unet
+        )
     if not args.skip_consep:
         consep(unet_kwargs, unet=not args.skip_unet)
     if not args.skip_large:
