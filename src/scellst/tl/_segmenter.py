@@ -185,7 +185,7 @@ def train_segmenter(
     image_weights
         Relative sampling weight of each image's pixels (one non-negative value per image); ``None``: every pixel of
         the training set equally likely. For example, weight a few tiles of your own tissue up against a large
-        public set.
+        public set. Only the training crops follow the weights; ``calibrate`` uses the first images as given.
     out
         Where to save the model (``segment_nuclei(method=out)`` then uses it).
     working_mpp
