@@ -4,7 +4,7 @@ Usage (from the repository root, with ../shared/data present):
 
     python benchmarks/segmentation.py [--steps 4000] [--unet-mpp 0.25] [--base-channels 32] [--extra consep,gbm40]
                                       [--monuseg-weight 1] [--hv] [--zoom LOW HIGH] [--blur P] [--n-folds 2]
-                                      [--folds 0,1] [--large 20000]
+                                      [--folds 0,1] [--seed 0] [--large 20000]
                                       [--skip-unet] [--skip-monuseg] [--skip-consep] [--skip-large] [--skip-her2st]
 
 1. MoNuSeg (13 tiles, manual outlines): the default classical segmenter on every tile, and U-Nets from
@@ -98,6 +98,7 @@ def monuseg(
     folds: list[int],
     n_folds: int = 2,
     monuseg_weight: float = 1.0,
+    seed: int = 0,
     unet: bool = True,
 ) -> None:
     import scellst
@@ -124,7 +125,7 @@ def monuseg(
             [masks[i] for i in train] + extra_masks,
             microns_per_pixel=[mpps[i] for i in train] + [0.25] * len(extra_imgs),
             image_weights=[monuseg_weight] * len(train) + [1.0] * len(extra_imgs),
-            seed=k,
+            seed=seed + k,
             show_progress_bar=False,
             **unet_kwargs,
         )
@@ -279,6 +280,7 @@ def main() -> None:
     parser.add_argument(
         "--folds", default=None, help="MoNuSeg folds to train and score, comma-separated (default: all)"
     )
+    parser.add_argument("--seed", type=int, default=0, help="MoNuSeg fold k trains with seed SEED + k")
     parser.add_argument("--large", type=int, default=20000)
     parser.add_argument("--skip-unet", action="store_true", help="only the classical segmenter on MoNuSeg/CoNSeP")
     parser.add_argument("--skip-monuseg", action="store_true")
@@ -308,7 +310,13 @@ def main() -> None:
         if not folds or set(folds) - set(all_folds):
             parser.error(f"--folds: comma-separated from 0 to {args.n_folds - 1}, got {args.folds!r}")
         monuseg(
-            unet_kwargs, extra, folds, n_folds=args.n_folds, monuseg_weight=args.monuseg_weight, unet=not args.skip_unet
+            unet_kwargs,
+            extra,
+            folds,
+            n_folds=args.n_folds,
+            monuseg_weight=args.monuseg_weight,
+            seed=args.seed,
+            unet=not args.skip_unet,
         )
     if not args.skip_consep:
         consep(unet_kwargs, unet=not args.skip_unet)
