@@ -384,3 +384,70 @@ def test_offset_model_flips_consistently(tissue):
     np.testing.assert_allclose(mirrored[:2], maps[:2], atol=1e-4)
     np.testing.assert_allclose(mirrored[2], -maps[2], atol=1e-4)  # horizontal offsets reverse
     np.testing.assert_allclose(mirrored[3], maps[3], atol=1e-4)
+
+
+def _true_nucleus_recall(sdata, tissue) -> float:
+    """Share of the synthetic tissue's true cells whose centre falls in a segmented nucleus."""
+    labels = np.asarray(sdata.labels["nuclei_labels"].data)
+    cells = tissue.shapes["true_cells"]
+    ys = np.clip(cells.geometry.y.to_numpy().astype(int), 0, labels.shape[0] - 1)
+    xs = np.clip(cells.geometry.x.to_numpy().astype(int), 0, labels.shape[1] - 1)
+    return float((labels[ys, xs] > 0).mean())
+
+
+def test_self_training_learns_the_slides_nuclei(tissue, tmp_path, caplog):
+    """Without annotations, the self-trained model finds the synthetic nuclei (rounds, patches over a cohort)."""
+    from .conftest import fresh_copy
+
+    other = fresh_copy(tissue)
+    path = tmp_path / "self.pt"
+    with caplog.at_level("INFO", logger="scellst"):
+        model = scellst.tl.self_train_segmenter(
+            [fresh_copy(tissue), other],
+            rounds=2,
+            n_patches=3,
+            patch_um=200,
+            n_steps=60,
+            batch_size=4,
+            crop_size=96,
+            out=path,
+            show_progress_bar=False,
+        )
+    assert "round 2/2" in caplog.text  # two rounds
+    assert "in 4 patches" in caplog.text  # 2 patches per slide
+    assert len(model.history["pseudo_nuclei"]) == 2
+    assert min(model.history["pseudo_nuclei"]) > 50
+    assert path.exists()
+    scellst.pp.segment_nuclei(other, method=path, show_progress_bar=False)
+    n_true = len(tissue.shapes["true_cells"])
+    assert 0.5 * n_true < len(other.shapes["nuclei"]) < 1.5 * n_true
+    assert _true_nucleus_recall(other, tissue) > 0.9
+
+
+def test_self_training_input_errors(tissue):
+    from spatialdata import SpatialData
+
+    from .conftest import fresh_copy
+
+    sdata = fresh_copy(tissue)
+    for kwargs, match in [
+        ({"rounds": 0}, "rounds"),
+        ({"n_patches": 0}, "n_patches"),
+        ({"patch_um": -5}, "patch_um"),
+        ({"min_area_um2": 50, "max_area_um2": 10}, "min_area_um2"),
+        ({"image_weights": [1.0]}, "image_weights"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            scellst.tl.self_train_segmenter(sdata, **kwargs)
+    with pytest.raises(TypeError, match="SpatialData"):
+        scellst.tl.self_train_segmenter([])
+    with pytest.raises(KeyError, match="nope"):
+        scellst.tl.self_train_segmenter(sdata, "nope")
+    white = scellst.io.from_image(np.full((300, 300, 3), 250, np.uint8), microns_per_pixel=0.5)
+    with pytest.raises(ValueError, match="No tissue found"):
+        scellst.tl.self_train_segmenter(white)
+    gray = scellst.io.from_image(np.full((64, 64), 200, dtype=np.uint8), microns_per_pixel=0.5)
+    with pytest.raises(ValueError, match="channel"):
+        scellst.tl.self_train_segmenter(gray)
+    assert isinstance(sdata, SpatialData)
+    assert "nuclei" not in sdata.shapes  # nothing written to the object

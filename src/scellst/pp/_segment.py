@@ -69,20 +69,14 @@ def _hematoxylin(rgb: np.ndarray) -> np.ndarray:
     return np.maximum(lut[0][rgb[..., 0]] + lut[1][rgb[..., 1]] + lut[2][rgb[..., 2]], 0)
 
 
-def estimate_threshold(
-    arr, *, microns_per_pixel: float, working_mpp: float | None = None, n_patches: int = 12, seed: int = 0
-) -> float:
-    """Otsu threshold of the smoothed haematoxylin channel over patches sampled in the tissue.
+def tissue_boxes(
+    arr, *, microns_per_pixel: float, n_patches: int, patch_um: float = 128.0, seed: int = 0
+) -> list[tuple[int, int, int, int]]:
+    """``(y0, y1, x0, x1)`` boxes of about ``patch_um`` microns centred on tissue, in the pixels of ``arr``.
 
-    The tissue is found on a coarse view (non-white pixels); ``n_patches`` patches of 128 um are read at full
-    resolution and resampled to the working resolution, so the threshold matches what each tile sees, and one
-    threshold serves every tile. An image smaller than the patches together is used whole.
+    The tissue (non-white pixels) is found on a coarse view of the lazy ``(c, y, x)`` image; ``n_patches`` boxes are
+    centred on tissue pixels drawn at random. An image smaller than the boxes together gives one box, all of it.
     """
-    from skimage.filters import gaussian, threshold_otsu
-
-    from ..tl._segmenter import resample_rgb
-
-    work = max(working_mpp or microns_per_pixel, microns_per_pixel)
     _, h, w = arr.shape
     step = max(1, int(max(h, w) / 512))
     coarse = image_rgb_tile(arr[:, ::step, ::step], 0, None, 0, None).astype(np.float32)
@@ -94,16 +88,31 @@ def estimate_threshold(
             "values in 0-255?"
         )
     rng = np.random.default_rng(seed)
-    patch = max(64, int(round(128 / microns_per_pixel)))
+    patch = max(64, int(round(patch_um / microns_per_pixel)))
     if h * w <= n_patches * patch**2:  # a small image: use all of it once rather than overlapping patches
-        boxes = [(0, h, 0, w)]
-    else:
-        boxes = []
-        for i in rng.choice(len(ys), size=min(n_patches, len(ys)), replace=False):
-            y0, x0 = max(ys[i] * step - patch // 2, 0), max(xs[i] * step - patch // 2, 0)
-            boxes.append((y0, min(y0 + patch, h), x0, min(x0 + patch, w)))
+        return [(0, h, 0, w)]
+    boxes = []
+    for i in rng.choice(len(ys), size=min(n_patches, len(ys)), replace=False):
+        y0, x0 = max(ys[i] * step - patch // 2, 0), max(xs[i] * step - patch // 2, 0)
+        boxes.append((y0, min(y0 + patch, h), x0, min(x0 + patch, w)))
+    return boxes
+
+
+def estimate_threshold(
+    arr, *, microns_per_pixel: float, working_mpp: float | None = None, n_patches: int = 12, seed: int = 0
+) -> float:
+    """Otsu threshold of the smoothed haematoxylin channel over patches sampled in the tissue.
+
+    ``n_patches`` patches of 128 um in the tissue (:func:`tissue_boxes`) are read at full resolution and resampled
+    to the working resolution, so the threshold matches what each tile sees, and one threshold serves every tile.
+    """
+    from skimage.filters import gaussian, threshold_otsu
+
+    from ..tl._segmenter import resample_rgb
+
+    work = max(working_mpp or microns_per_pixel, microns_per_pixel)
     values = []
-    for y0, y1, x0, x1 in boxes:
+    for y0, y1, x0, x1 in tissue_boxes(arr, microns_per_pixel=microns_per_pixel, n_patches=n_patches, seed=seed):
         rgb = resample_rgb(image_rgb_tile(arr, y0, y1, x0, x1), work / microns_per_pixel)
         hema = gaussian(_hematoxylin(rgb), sigma=max(0.4 / work, 0.5))
         values.append(hema[rgb.mean(axis=-1) < 215])
@@ -348,6 +357,16 @@ def _pyramid(sdata: SpatialData, image_key: str) -> list[tuple[Any, float]]:
     return [(lvl, w0 / lvl.shape[-1]) for lvl in levels]
 
 
+def check_rgb(arr, image_key: str) -> None:
+    """Raise a clear error unless the ``(c, y, x)`` image has 3 (RGB) or 4 (RGBA) channels."""
+    n_channels = arr.shape[0]
+    if n_channels not in (3, 4):
+        raise ValueError(
+            f"Image {image_key!r} has {n_channels} channel(s); nucleus segmentation needs an RGB H&E image "
+            "(an RGBA image is accepted, its alpha channel is ignored)."
+        )
+
+
 def _make_segmenter(method, *, weights, params, threshold, working_mpp, arr0, mpp):
     """The tile segmenter for ``method`` (classical, a trained U-Net, or an optional backend)."""
     from ..models._unet import NucleusUNet
@@ -459,12 +478,8 @@ def segment_nuclei(
     mpp = get_microns_per_pixel(sdata, image_key)
     levels = _pyramid(sdata, image_key)
     arr0 = levels[0][0]
-    n_channels, h, w = arr0.shape
-    if n_channels not in (3, 4):
-        raise ValueError(
-            f"Image {image_key!r} has {n_channels} channel(s); nucleus segmentation needs an RGB H&E image "
-            "(an RGBA image is accepted, its alpha channel is ignored)."
-        )
+    check_rgb(arr0, image_key)
+    _, h, w = arr0.shape
     if mpp > 2.0:
         logger.warning(
             f"{mpp:.2f} um/px is too coarse to delineate nuclei (about 5-10 um across); expect poor segmentation. "

@@ -7,6 +7,7 @@ from ._evaluate import cross_validate, evaluate
 from ._metrics import metrics_per_gene
 from ._segmentation_metrics import evaluate_segmentation
 from ._segmenter import train_segmenter
+from ._self_segmenter import self_train_segmenter
 from ._simulation import SimulatedSpots, benchmark_simulation, simulate_spots
 from ._ssl import train_ssl
 from ._train import load_model, predict, train
@@ -30,6 +31,7 @@ __all__ = [
     "metrics_per_gene",
     "predict",
     "score_cell_types",
+    "self_train_segmenter",
     "simulate_spots",
     "train",
     "train_segmenter",
