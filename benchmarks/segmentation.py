@@ -4,7 +4,7 @@ Usage (from the repository root, with ../shared/data present):
 
     python benchmarks/segmentation.py [--steps 4000] [--unet-mpp 0.25] [--base-channels 32] [--extra consep,gbm40]
                                       [--monuseg-weight 1] [--hv] [--zoom LOW HIGH] [--blur P] [--n-folds 2]
-                                      [--folds 0,1] [--seed 0] [--large 20000]
+                                      [--folds 0,1] [--seed 0] [--large 20000] [--self-train] [--self-rounds 3]
                                       [--skip-unet] [--skip-monuseg] [--skip-consep] [--skip-large] [--skip-her2st]
 
 1. MoNuSeg (13 tiles, manual outlines): the default classical segmenter on every tile, and U-Nets from
@@ -16,6 +16,9 @@ Usage (from the repository root, with ../shared/data present):
 3. Speed (megapixels of the input per second) and peak memory of the classical segmenter on a dask-backed synthetic
    slide of ``--large`` x ``--large`` px that is never loaded whole.
 4. Nuclei per spot on the HER2ST sections, and an overlay PNG (benchmarks/results/her2st_C2_overlay.png).
+5. With ``--self-train``: ``self_train_segmenter`` on MoNuSeg, no annotations used for training: (a) trained on
+   the 13 tiles themselves and scored on them (what a user does on a slide), (b) trained on the even / odd tiles and
+   scored on the others (new slides of another organ and lab).
 """
 
 from __future__ import annotations
@@ -145,6 +148,42 @@ def monuseg(
             f"{np.mean(speeds):.2f} MP/s",
             flush=True,
         )
+
+
+def self_training(rounds: int, seed: int = 0) -> None:
+    """``self_train_segmenter`` on the MoNuSeg tiles (no annotations), scored on the same tiles and on held-out ones."""
+    import scellst
+
+    tiles = scellst.datasets.annotated_tiles("monuseg", path=DATA / "monuseg")
+    imgs, masks = [t["image"] for t in tiles], [t["instances"] for t in tiles]
+    mpps = [t["microns_per_pixel"] for t in tiles]
+    slides = [scellst.io.from_image(i, microns_per_pixel=m) for i, m in zip(imgs, mpps, strict=True)]
+
+    def train(idx: list[int]):
+        t0 = time.perf_counter()
+        kw = {"rounds": rounds, "n_patches": len(idx), "seed": seed, "show_progress_bar": False}
+        model = scellst.tl.self_train_segmenter([slides[i] for i in idx], **kw)
+        return model, time.perf_counter() - t0
+
+    model, train_s = train(list(range(len(tiles))))
+    rows, speed = score(imgs, masks, mpps, model)
+    print(
+        f"MoNuSeg self-trained U-Net ({rounds} rounds, trained on the 13 tiles themselves in {train_s:.0f} s): "
+        f"{summary(rows)}; {speed:.2f} MP/s",
+        flush=True,
+    )
+    all_rows = []
+    for k, test in enumerate(monuseg_folds(len(tiles), 2)):
+        model, train_s = train([i for i in range(len(tiles)) if i not in test])
+        rows, _ = score([imgs[i] for i in test], [masks[i] for i in test], [mpps[i] for i in test], model)
+        classical, _ = score([imgs[i] for i in test], [masks[i] for i in test], [mpps[i] for i in test], "classical")
+        all_rows += rows
+        print(
+            f"  self-trained fold {k} ({train_s:.0f} s): {len(test)} held-out tiles: {summary(rows)} "
+            f"(classical on them: {summary(classical)})",
+            flush=True,
+        )
+    print(f"MoNuSeg self-trained U-Net, every tile scored by the model that did not see it: {summary(all_rows)}")
 
 
 def consep(unet_kwargs: dict, unet: bool = True) -> None:
@@ -282,6 +321,8 @@ def main() -> None:
     )
     parser.add_argument("--seed", type=int, default=0, help="MoNuSeg fold k trains with seed SEED + k")
     parser.add_argument("--large", type=int, default=20000)
+    parser.add_argument("--self-train", action="store_true", help="also score self_train_segmenter on MoNuSeg")
+    parser.add_argument("--self-rounds", type=int, default=3, help="self_train_segmenter(rounds=...)")
     parser.add_argument("--skip-unet", action="store_true", help="only the classical segmenter on MoNuSeg/CoNSeP")
     parser.add_argument("--skip-monuseg", action="store_true")
     parser.add_argument("--skip-consep", action="store_true")
@@ -318,6 +359,8 @@ def main() -> None:
             seed=args.seed,
             unet=not args.skip_unet,
         )
+        if args.self_train:
+            self_training(args.self_rounds, seed=args.seed)
     if not args.skip_consep:
         consep(unet_kwargs, unet=not args.skip_unet)
     if not args.skip_large:

@@ -451,3 +451,16 @@ def test_self_training_input_errors(tissue):
         scellst.tl.self_train_segmenter(gray)
     assert isinstance(sdata, SpatialData)
     assert "nuclei" not in sdata.shapes  # nothing written to the object
+
+
+def test_self_training_works_at_the_coarsest_slides_resolution(caplog):
+    """A slide coarser than 0.5 um/px is not upsampled: the model works at its resolution, unless told otherwise."""
+    coarse = scellst.datasets.synthetic_tissue(seed=2, size_um=(300.0, 300.0), microns_per_pixel=0.8)
+    kw = {"rounds": 1, "n_patches": 1, "n_steps": 2, "batch_size": 2, "crop_size": 64, "calibrate": False}
+    model = scellst.tl.self_train_segmenter(coarse, show_progress_bar=False, **kw)
+    assert model.config.microns_per_pixel == pytest.approx(0.8)
+    assert "upsampled" not in caplog.text
+    with caplog.at_level("WARNING", logger="scellst"):
+        model = scellst.tl.self_train_segmenter(coarse, working_mpp=0.5, show_progress_bar=False, **kw)
+    assert model.config.microns_per_pixel == pytest.approx(0.5)
+    assert "upsampled" in caplog.text
