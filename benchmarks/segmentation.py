@@ -104,16 +104,18 @@ def monuseg(
     monuseg_weight: float = 1.0,
     seed: int = 0,
     unet: bool = True,
-) -> None:
+) -> tuple[list[dict], list[dict]]:
+    """Print the classical method's and the U-Nets' scores; return the tiles and the classical row of each tile."""
     import scellst
 
     tiles = scellst.datasets.annotated_tiles("monuseg", path=DATA / "monuseg")
     imgs, masks = [t["image"] for t in tiles], [t["instances"] for t in tiles]
     mpps = [t["microns_per_pixel"] for t in tiles]
     rows, speed = score(imgs, masks, mpps, "classical")
+    classical = rows
     print(f"MoNuSeg classical (13 tiles): {summary(rows)}; {speed:.2f} MP/s", flush=True)
     if not unet:
-        return
+        return tiles, classical
     held_out = monuseg_folds(len(tiles), n_folds)
     all_rows, speeds = [], []
     extra_imgs, extra_masks = [], []  # read once for both folds
@@ -149,13 +151,16 @@ def monuseg(
             f"{np.mean(speeds):.2f} MP/s",
             flush=True,
         )
+    return tiles, classical
 
 
-def self_training(rounds: int, seed: int = 0) -> None:
-    """``self_train_segmenter`` on the MoNuSeg tiles (no annotations), scored on the same tiles and on held-out ones."""
+def self_training(tiles: list[dict], classical: list[dict], rounds: int, seed: int = 0) -> None:
+    """``self_train_segmenter`` on the MoNuSeg tiles (no annotations), scored on the same tiles and on held-out ones.
+
+    ``classical`` holds the classical method's row of each tile, to compare on each fold's tiles.
+    """
     import scellst
 
-    tiles = scellst.datasets.annotated_tiles("monuseg", path=DATA / "monuseg")
     imgs, masks = [t["image"] for t in tiles], [t["instances"] for t in tiles]
     mpps = [t["microns_per_pixel"] for t in tiles]
     slides = [scellst.io.from_image(i, microns_per_pixel=m) for i, m in zip(imgs, mpps, strict=True)]
@@ -177,11 +182,10 @@ def self_training(rounds: int, seed: int = 0) -> None:
     for k, test in enumerate(monuseg_folds(len(tiles), 2)):
         model, train_s = train([i for i in range(len(tiles)) if i not in test])
         rows, _ = score([imgs[i] for i in test], [masks[i] for i in test], [mpps[i] for i in test], model)
-        classical, _ = score([imgs[i] for i in test], [masks[i] for i in test], [mpps[i] for i in test], "classical")
         all_rows += rows
         print(
             f"  self-trained fold {k} ({train_s:.0f} s): {len(test)} held-out tiles: {summary(rows)} "
-            f"(classical on them: {summary(classical)})",
+            f"(classical on them: {summary([classical[i] for i in test])})",
             flush=True,
         )
     print(f"MoNuSeg self-trained U-Net, every tile scored by the model that did not see it: {summary(all_rows)}")
@@ -382,7 +386,7 @@ def main() -> None:
         folds = list(all_folds) if args.folds is None else [int(k) for k in args.folds.split(",") if k.strip()]
         if not folds or set(folds) - set(all_folds):
             parser.error(f"--folds: comma-separated from 0 to {args.n_folds - 1}, got {args.folds!r}")
-        monuseg(
+        tiles, classical = monuseg(
             unet_kwargs,
             extra,
             folds,
@@ -392,7 +396,7 @@ def main() -> None:
             unet=not args.skip_unet,
         )
         if args.self_train:
-            self_training(args.self_rounds, seed=args.seed)
+            self_training(tiles, classical, args.self_rounds, seed=args.seed)
     if not args.skip_consep:
         consep(unet_kwargs, unet=not args.skip_unet)
     if not args.skip_large:

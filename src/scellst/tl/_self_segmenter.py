@@ -147,7 +147,6 @@ def self_train_segmenter(
             rgbs.append(rgb)
             labels.append(keep_areas(resample_labels(lab, rgb.shape[:2]), **areas))
     pseudo = []
-    model = None
     for r in range(int(rounds)):
         counts = [len(np.unique(lab)) - 1 for lab in labels]
         pseudo.append(float(sum(counts)))
