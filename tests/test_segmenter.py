@@ -12,8 +12,8 @@ from scellst.tl._segmenter import (
 
 
 @pytest.fixture(scope="module")
-def small_model(tissue, tmp_path_factory):
-    """A U-Net trained for a few steps on the synthetic tissue's true nuclei (with classes)."""
+def small_training_set(tissue):
+    """A 400 x 400 px corner of the synthetic tissue at 0.5 um/px, its true nuclei and their classes (1-5)."""
     from skimage.draw import ellipse
 
     img = np.moveaxis(np.asarray(tissue.images["he"]["scale0"].image[:, :400, :400]), 0, -1)
@@ -27,6 +27,13 @@ def small_model(tissue, tmp_path_factory):
             rr, cc = ellipse(pt.y, pt.x, r * 0.7, r * 0.7, shape=mask.shape)
             mask[rr, cc] = i
             cls[rr, cc] = names.index(types.iloc[i - 1]) + 1
+    return img, mask, cls, names
+
+
+@pytest.fixture(scope="module")
+def small_model(small_training_set, tmp_path_factory):
+    """A U-Net trained for a few steps on the synthetic tissue's true nuclei (with classes)."""
+    img, mask, cls, names = small_training_set
     path = tmp_path_factory.mktemp("seg") / "unet.pt"
     model = scellst.tl.train_segmenter(
         [img],
@@ -56,6 +63,39 @@ def test_train_segmenter_saves_a_usable_model(small_model, tissue):
     assert len(nuclei) > 50
     assert "class" in nuclei
     assert set(nuclei["class"].astype(str)) <= {"unknown", *model.config.class_names}
+
+
+def test_train_segmenter_fine_tunes_init(small_model, small_training_set):
+    import torch
+
+    path, model = small_model
+    img, mask, cls, _ = small_training_set
+    kw = {"microns_per_pixel": 0.5, "n_steps": 1, "batch_size": 2, "crop_size": 96, "calibrate": False}
+    kw["show_progress_bar"] = False
+    # a vanishing learning rate: the fine-tuned weights are those of `init` (from the file or the object); batch
+    # norm statistics (buffers) follow the new data, as they should
+    for init in (path, model):
+        tuned = scellst.tl.train_segmenter([img], [mask], init=init, lr=1e-12, **kw)
+        assert (tuned.config.base_channels, tuned.config.n_classes) == (16, 5)
+        assert tuned.config.class_names == model.config.class_names
+        assert tuned.config.microns_per_pixel == model.config.microns_per_pixel
+        weights = [k for k in model.state_dict if "running_" not in k and "num_batches" not in k]
+        assert len(weights) > 20
+        for k in weights:
+            v = model.state_dict[k]
+            torch.testing.assert_close(tuned.state_dict[k], v, msg=f"weight {k} not taken from `init`")
+    fresh = scellst.tl.train_segmenter([img], [mask], lr=1e-12, **kw)
+    assert fresh.config.n_classes == 0
+    assert not torch.allclose(fresh.state_dict["down.0.0.weight"], model.state_dict["down.0.0.weight"])
+    # a real fine-tuning step moves the weights
+    moved = scellst.tl.train_segmenter([img], [mask], classes=[cls], init=model, **{**kw, "n_steps": 3})
+    assert not torch.equal(moved.state_dict["down.0.0.weight"], model.state_dict["down.0.0.weight"])
+    with pytest.raises(ValueError, match="architecture of `init`"):
+        scellst.tl.train_segmenter([img], [mask], init=model, base_channels=32, **kw)
+    with pytest.raises(ValueError, match="at most its classes"):
+        scellst.tl.train_segmenter([img], [mask], classes=[cls * 2], init=model, **kw)
+    with pytest.raises(TypeError, match="`init` must be"):
+        scellst.tl.train_segmenter([img], [mask], init=42, **kw)
 
 
 def test_segmenter_input_errors(tissue):
@@ -436,6 +476,7 @@ def test_self_training_input_errors(tissue):
         ({"patch_um": -5}, "patch_um"),
         ({"min_area_um2": 50, "max_area_um2": 10}, "min_area_um2"),
         ({"image_weights": [1.0]}, "image_weights"),
+        ({"init": "model.pt"}, "init"),
     ]:
         with pytest.raises(ValueError, match=match):
             scellst.tl.self_train_segmenter(sdata, **kwargs)

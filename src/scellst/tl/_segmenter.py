@@ -150,10 +150,11 @@ def train_segmenter(
     crop_size: int = 128,
     batch_size: int = 8,
     n_steps: int = 1500,
-    lr: float = 2e-3,
-    base_channels: int = 16,
-    depth: int = 3,
-    hv: bool = False,
+    lr: float | None = None,
+    base_channels: int | None = None,
+    depth: int | None = None,
+    hv: bool | None = None,
+    init: Any = None,
     zoom: tuple[float, float] | None = None,
     blur: float = 0.0,
     calibrate: bool = True,
@@ -190,17 +191,25 @@ def train_segmenter(
         Where to save the model (``segment_nuclei(method=out)`` then uses it).
     working_mpp
         Resolution the network works at, in microns per pixel; ``None`` keeps the training images' own (their
-        median). The model is applied at this resolution: finer slides are downsampled, coarser ones upsampled.
+        median), or the resolution of ``init``. The model is applied at this resolution: finer slides are
+        downsampled, coarser ones upsampled.
     crop_size, batch_size, n_steps, lr
-        Training crops (pixels at the working resolution), crops per step, optimisation steps and AdamW learning
-        rate (cosine decay).
+        Training crops (pixels at the working resolution), crops per step, optimisation steps and peak AdamW
+        learning rate (one-cycle schedule); ``lr=None``: ``2e-3``, or ``5e-4`` when fine-tuning ``init``.
     base_channels
-        Width of the first U-Net level (doubles at each level).
+        Width of the first U-Net level (doubles at each level); ``None``: 16, or that of ``init``.
     depth
-        Number of down-sampling levels.
+        Number of down-sampling levels; ``None``: 3, or that of ``init``.
     hv
         Also predict each pixel's horizontal and vertical offset from its nucleus's centre (HoVer-Net's maps) and use
-        where they jump to split touching nuclei (see :meth:`scellst.models.NucleusUNet.instances`).
+        where they jump to split touching nuclei (see :meth:`scellst.models.NucleusUNet.instances`); ``None``:
+        off, or as in ``init``.
+    init
+        A trained model (:class:`scellst.models.NucleusUNet` or the path of its file) to fine-tune instead of
+        starting from random weights, e.g. a model trained on public annotations, fine-tuned on a few tiles of your
+        tissue. Its architecture, classes and (unless ``working_mpp`` is given) resolution are kept; passing a
+        different ``base_channels``, ``depth`` or ``hv`` is an error. Masks without ``classes`` leave a class head
+        untrained.
     zoom
         Resize each training crop by a random factor in this range (log-uniform), e.g. ``(0.8, 1.25)``, so that
         the model sees nuclei larger and smaller than in the annotations; ``None``: no resizing.
@@ -240,6 +249,21 @@ def train_segmenter(
         raise ValueError(
             f"`microns_per_pixel` needs one value per image (or one for all), each in (0, 5) um/px; got {mpps}."
         )
+    if init is not None:
+        init = _as_unet(init)
+        arch = {"base_channels": base_channels, "depth": depth, "hv": hv}
+        clash = {k: v for k, v in arch.items() if v is not None and v != getattr(init.config, k)}
+        if clash:
+            raise ValueError(
+                f"`init` has {', '.join(f'{k}={getattr(init.config, k)}' for k in clash)}; fine-tuning keeps the "
+                f"architecture of `init`, so leave {sorted(clash)} unset (got {clash})."
+            )
+        base_channels, depth, hv = init.config.base_channels, init.config.depth, init.config.hv
+        working_mpp = init.config.microns_per_pixel if working_mpp is None else working_mpp
+    base_channels = 16 if base_channels is None else int(base_channels)
+    depth = 3 if depth is None else int(depth)
+    hv = bool(hv)
+    lr = (2e-3 if init is None else 5e-4) if lr is None else float(lr)
     working_mpp = float(np.median(mpps)) if working_mpp is None else float(working_mpp)
     if zoom is not None and not (len(zoom) == 2 and 0 < zoom[0] <= zoom[1]):
         raise ValueError(f"`zoom` must be a range (low, high) with 0 < low <= high, e.g. (0.8, 1.25); got {zoom}.")
@@ -270,6 +294,15 @@ def train_segmenter(
         held.append((rgb[: lab.shape[0], : lab.shape[1]], lab))  # unpadded, to calibrate
     n_classes = int(max(int(e.cls.max()) for e in data)) if classes is not None else 0
     names = list(class_names) if class_names is not None else [str(k) for k in range(1, n_classes + 1)]
+    train_classes = n_classes > 0
+    if init is not None:
+        if n_classes > init.config.n_classes:
+            raise ValueError(
+                f"The class maps hold {n_classes} classes but `init` predicts {init.config.n_classes}; fine-tune "
+                "with at most its classes (or train a new model without `init`)."
+            )
+        n_classes = init.config.n_classes
+        names = list(class_names) if class_names is not None else list(init.config.class_names)
     config = UNetConfig(
         base_channels=base_channels,
         depth=depth,
@@ -280,7 +313,10 @@ def train_segmenter(
         precision=precision,
         hv=hv,
     )
-    net = build_unet(config).to(memory_format=torch.channels_last)
+    net = build_unet(config)
+    if init is not None:
+        net.load_state_dict(init.state_dict)
+    net = net.to(memory_format=torch.channels_last)
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=n_steps, pct_start=0.1)
     bce = torch.nn.BCEWithLogitsLoss()
@@ -336,7 +372,7 @@ def train_segmenter(
         prob = torch.sigmoid(out_t[:, 0])
         dice = 1 - (2 * (prob * f).sum() + 1) / (prob.sum() + f.sum() + 1)
         loss = bce(out_t[:, 0], f) + dice + bce(out_t[:, 1], d)
-        if n_classes:
+        if train_classes:
             c = torch.from_numpy(np.stack([b.cls for b in batch]))
             loss = loss + ce(out_t[:, 2 : 2 + n_classes], c)
         if hv:
@@ -357,6 +393,17 @@ def train_segmenter(
         model.save(out)
         logger.info(f"Saved the segmentation model to {out}")
     return model
+
+
+def _as_unet(model: Any):
+    """A :class:`~scellst.models.NucleusUNet`, or one loaded from a file path."""
+    from ..models._unet import NucleusUNet
+
+    if isinstance(model, NucleusUNet):
+        return model
+    if isinstance(model, str | Path):
+        return NucleusUNet.load(model)
+    raise TypeError(f"`init` must be a NucleusUNet or the path of a saved one, got {type(model).__name__}.")
 
 
 def _crop_probabilities(n_pixels: np.ndarray, image_weights: Sequence[float] | None) -> np.ndarray:

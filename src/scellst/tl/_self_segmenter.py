@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     from ..models._unet import NucleusUNet
 
 # train_segmenter arguments that self-training sets itself
-_RESERVED = {"images", "masks", "microns_per_pixel", "classes", "class_names", "image_weights"}
+_RESERVED = {"images", "masks", "microns_per_pixel", "classes", "class_names", "image_weights", "init"}
 
 
 def keep_areas(labels: np.ndarray, *, microns_per_pixel: float, min_area_um2: float, max_area_um2: float) -> np.ndarray:
@@ -117,7 +117,9 @@ def self_train_segmenter(
     if min_area_um2 <= 0 or max_area_um2 <= min_area_um2:
         raise ValueError("Need 0 < min_area_um2 < max_area_um2 (square microns).")
     if clash := _RESERVED & set(kwargs):
-        raise ValueError(f"{sorted(clash)} cannot be passed to `self_train_segmenter` (it sets them itself).")
+        raise ValueError(
+            f"{sorted(clash)} cannot be passed to `self_train_segmenter` (it sets them itself or does not support them)."
+        )
     images = []
     for s in slides:
         key = get_key(s, "images", image_key, what="H&E image")
