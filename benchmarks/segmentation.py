@@ -5,6 +5,7 @@ Usage (from the repository root, with ../shared/data present):
     python benchmarks/segmentation.py [--steps 4000] [--unet-mpp 0.25] [--base-channels 32] [--extra consep,gbm40]
                                       [--monuseg-weight 1] [--hv] [--zoom LOW HIGH] [--blur P] [--n-folds 2]
                                       [--folds 0,1] [--seed 0] [--large 20000] [--self-train] [--self-rounds 3]
+                                      [--fine-tune STEPS]
                                       [--skip-unet] [--skip-monuseg] [--skip-consep] [--skip-large] [--skip-her2st]
 
 1. MoNuSeg (13 tiles, manual outlines): the default classical segmenter on every tile, and U-Nets from
@@ -20,6 +21,9 @@ Usage (from the repository root, with ../shared/data present):
    the 13 tiles themselves and scored on them (what a user does on a slide), (b) trained on the even / odd tiles and
    scored on the others (new slides of another organ and lab); and on the whole HER2ST section C2: training time,
    nuclei per spot and an overlay next to the classical one (benchmarks/results/her2st_C2_self_overlay.png).
+6. With ``--fine-tune STEPS``: a U-Net trained on the ``--extra`` public sets only, scored on the 13 MoNuSeg tiles
+   (another lab and organs), then fine-tuned (``train_segmenter(init=...)``) for STEPS steps on each fold's MoNuSeg
+   tiles and scored on the fold's held-out tiles.
 """
 
 from __future__ import annotations
@@ -191,6 +195,50 @@ def self_training(tiles: list[dict], classical: list[dict], rounds: int, seed: i
     print(f"MoNuSeg self-trained U-Net, every tile scored by the model that did not see it: {summary(all_rows)}")
 
 
+def fine_tuning(tiles: list[dict], unet_kwargs: dict, extra: list[str], fine_steps: int, seed: int = 0) -> None:
+    """A U-Net trained on the ``extra`` public sets only, scored on MoNuSeg as is, then fine-tuned on each fold's
+    MoNuSeg tiles (``train_segmenter(init=...)``, ``fine_steps`` steps) and scored on the fold's held-out tiles."""
+    import scellst
+
+    imgs, masks = [t["image"] for t in tiles], [t["instances"] for t in tiles]
+    mpps = [t["microns_per_pixel"] for t in tiles]
+    extra_imgs, extra_masks = [], []
+    for name in extra:
+        i, m = EXTRA_SETS[name]()
+        extra_imgs, extra_masks = extra_imgs + i, extra_masks + m
+    t0 = time.perf_counter()
+    kw = {"show_progress_bar": False, "seed": seed}
+    public = scellst.tl.train_segmenter(extra_imgs, extra_masks, microns_per_pixel=0.25, **kw, **unet_kwargs)
+    train_s = time.perf_counter() - t0
+    rows, speed = score(imgs, masks, mpps, public)
+    print(
+        f"MoNuSeg, U-Net trained on {'+'.join(extra)} only ({train_s:.0f} s), all 13 tiles unseen: "
+        f"{summary(rows)}; {speed:.2f} MP/s",
+        flush=True,
+    )
+    tuned_rows = []
+    for k, test in enumerate(monuseg_folds(len(tiles), 2)):
+        train = [i for i in range(len(tiles)) if i not in test]
+        t0 = time.perf_counter()
+        tuned = scellst.tl.train_segmenter(
+            [imgs[i] for i in train],
+            [masks[i] for i in train],
+            microns_per_pixel=[mpps[i] for i in train],
+            init=public,
+            n_steps=fine_steps,
+            **kw,
+        )
+        tune_s = time.perf_counter() - t0
+        fold_rows, _ = score([imgs[i] for i in test], [masks[i] for i in test], [mpps[i] for i in test], tuned)
+        tuned_rows += fold_rows
+        print(
+            f"  fine-tuned fold {k} on {len(train)} MoNuSeg tiles ({fine_steps} steps, {tune_s:.0f} s): "
+            f"{len(test)} held-out tiles: {summary(fold_rows)} (before fine-tuning: {summary([rows[i] for i in test])})",
+            flush=True,
+        )
+    print(f"MoNuSeg fine-tuned U-Nets, every tile scored by the model that did not see it: {summary(tuned_rows)}")
+
+
 def consep(unet_kwargs: dict, unet: bool = True) -> None:
     import scellst
 
@@ -359,6 +407,13 @@ def main() -> None:
     parser.add_argument("--large", type=int, default=20000)
     parser.add_argument("--self-train", action="store_true", help="also score self_train_segmenter on MoNuSeg")
     parser.add_argument("--self-rounds", type=int, default=3, help="self_train_segmenter(rounds=...)")
+    parser.add_argument(
+        "--fine-tune",
+        type=int,
+        default=0,
+        metavar="STEPS",
+        help="also train a U-Net on the --extra sets only and fine-tune it for STEPS steps on each MoNuSeg fold",
+    )
     parser.add_argument("--skip-unet", action="store_true", help="only the classical segmenter on MoNuSeg/CoNSeP")
     parser.add_argument("--skip-monuseg", action="store_true")
     parser.add_argument("--skip-consep", action="store_true")
@@ -395,6 +450,10 @@ def main() -> None:
             seed=args.seed,
             unet=not args.skip_unet,
         )
+        if args.fine_tune:
+            if not extra:
+                parser.error("--fine-tune needs public training sets (--extra)")
+            fine_tuning(tiles, unet_kwargs, extra, args.fine_tune, seed=args.seed)
         if args.self_train:
             self_training(tiles, classical, args.self_rounds, seed=args.seed)
     if not args.skip_consep:
