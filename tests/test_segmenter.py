@@ -94,6 +94,8 @@ def test_train_segmenter_fine_tunes_init(small_model, small_training_set):
         scellst.tl.train_segmenter([img], [mask], init=model, base_channels=32, **kw)
     with pytest.raises(ValueError, match="at most its classes"):
         scellst.tl.train_segmenter([img], [mask], classes=[cls * 2], init=model, **kw)
+    with pytest.raises(ValueError, match="`class_names` has 2 names"):
+        scellst.tl.train_segmenter([img], [mask], classes=[cls], class_names=["a", "b"], init=model, **kw)
     with pytest.raises(TypeError, match="`init` must be"):
         scellst.tl.train_segmenter([img], [mask], init=42, **kw)
 
@@ -112,6 +114,11 @@ def test_segmenter_input_errors(tissue):
         scellst.tl.train_segmenter([img], [np.zeros((50, 50), int)], microns_per_pixel=0.5, zoom=(1.25, 0.8))
     with pytest.raises(ValueError, match="blur"):
         scellst.tl.train_segmenter([img], [np.zeros((50, 50), int)], microns_per_pixel=0.5, blur=2)
+    one = np.ones((50, 50), int)
+    with pytest.raises(ValueError, match="pass the class maps"):
+        scellst.tl.train_segmenter([img], [one], microns_per_pixel=0.5, class_names=["tumour"])
+    with pytest.raises(ValueError, match="one name per class"):
+        scellst.tl.train_segmenter([img], [one], classes=[one * 2], class_names=["tumour"], microns_per_pixel=0.5)
     for bad in ([1.0, 1.0], [-1.0], [np.nan], [0.0]):
         with pytest.raises(ValueError, match="image_weights"):
             scellst.tl.train_segmenter([img], [np.zeros((50, 50), int)], microns_per_pixel=0.5, image_weights=bad)

@@ -244,6 +244,8 @@ def train_segmenter(
         raise ValueError(f"Need as many masks as images (got {len(images)} images and {len(masks)} masks).")
     if classes is not None and len(classes) != len(images):
         raise ValueError("`classes` needs one class map per image.")
+    if class_names is not None and classes is None:
+        raise ValueError("`class_names` names the classes of `classes`; pass the class maps too.")
     mpps = [float(microns_per_pixel)] * len(images) if np.isscalar(microns_per_pixel) else list(microns_per_pixel)
     if len(mpps) != len(images) or not all(0 < m < 5 for m in mpps):
         raise ValueError(
@@ -293,6 +295,13 @@ def train_segmenter(
         data.append(_Example(normalise_rgb(rgb), fg, dist, cls, off))
         held.append((rgb[: lab.shape[0], : lab.shape[1]], lab))  # unpadded, to calibrate
     n_classes = int(max(int(e.cls.max()) for e in data)) if classes is not None else 0
+    if class_names is not None:
+        if len(class_names) < n_classes:
+            raise ValueError(
+                f"The class maps hold classes 1..{n_classes} but `class_names` has {len(class_names)} names; "
+                "give one name per class."
+            )
+        n_classes = len(class_names)  # a class absent from these maps keeps its output
     names = list(class_names) if class_names is not None else [str(k) for k in range(1, n_classes + 1)]
     train_classes = n_classes > 0
     if init is not None:
@@ -303,6 +312,8 @@ def train_segmenter(
             )
         n_classes = init.config.n_classes
         names = list(class_names) if class_names is not None else list(init.config.class_names)
+        if len(names) != n_classes:
+            raise ValueError(f"`init` predicts {n_classes} classes but `class_names` has {len(names)} names.")
     config = UNetConfig(
         base_channels=base_channels,
         depth=depth,
