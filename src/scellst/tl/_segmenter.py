@@ -307,8 +307,8 @@ def train_segmenter(
     if init is not None:
         if n_classes > init.config.n_classes:
             raise ValueError(
-                f"The class maps hold {n_classes} classes but `init` predicts {init.config.n_classes}; fine-tune "
-                "with at most its classes (or train a new model without `init`)."
+                f"The class maps (or `class_names`) hold {n_classes} classes but `init` predicts "
+                f"{init.config.n_classes}; fine-tune with at most its classes (or train a new model without `init`)."
             )
         n_classes = init.config.n_classes
         names = list(class_names) if class_names is not None else list(init.config.class_names)

@@ -15,7 +15,7 @@ if TYPE_CHECKING:
 
     from ..models._unet import NucleusUNet
 
-# train_segmenter arguments that self-training sets itself
+# train_segmenter arguments that self-training sets itself (or does not support: `init`)
 _RESERVED = {"images", "masks", "microns_per_pixel", "classes", "class_names", "image_weights", "init"}
 
 
