@@ -5,7 +5,7 @@ Usage (from the repository root, with ../shared/data present):
     python benchmarks/segmentation.py [--steps 4000] [--unet-mpp 0.25] [--base-channels 32] [--extra consep,gbm40]
                                       [--monuseg-weight 1] [--hv] [--zoom LOW HIGH] [--blur P] [--n-folds 2]
                                       [--folds 0,1] [--seed 0] [--large 20000] [--self-train] [--self-rounds 3]
-                                      [--fine-tune STEPS]
+                                      [--fine-tune STEPS] [--fine-tune-tiles 1,3]
                                       [--skip-unet] [--skip-monuseg] [--skip-consep] [--skip-large] [--skip-her2st]
 
 1. MoNuSeg (13 tiles, manual outlines): the default classical segmenter on every tile, and U-Nets from
@@ -23,7 +23,8 @@ Usage (from the repository root, with ../shared/data present):
    nuclei per spot and an overlay next to the classical one (benchmarks/results/her2st_C2_self_overlay.png).
 6. With ``--fine-tune STEPS``: a U-Net trained on the ``--extra`` public sets only, scored on the 13 MoNuSeg tiles
    (another lab and organs), then fine-tuned (``train_segmenter(init=...)``) for STEPS steps on each fold's MoNuSeg
-   tiles and scored on the fold's held-out tiles.
+   tiles and scored on the fold's held-out tiles; ``--fine-tune-tiles 1,3``: on the first 1 and the first 3 tiles
+   of each fold instead of all of them (how many annotated tiles are enough).
 """
 
 from __future__ import annotations
@@ -195,9 +196,19 @@ def self_training(tiles: list[dict], classical: list[dict], rounds: int, seed: i
     print(f"MoNuSeg self-trained U-Net, every tile scored by the model that did not see it: {summary(all_rows)}")
 
 
-def fine_tuning(tiles: list[dict], unet_kwargs: dict, extra: list[str], fine_steps: int, seed: int = 0) -> None:
+def fine_tuning(
+    tiles: list[dict],
+    unet_kwargs: dict,
+    extra: list[str],
+    fine_steps: int,
+    n_tiles: list[int] | None = None,
+    seed: int = 0,
+) -> None:
     """A U-Net trained on the ``extra`` public sets only, scored on MoNuSeg as is, then fine-tuned on each fold's
-    MoNuSeg tiles (``train_segmenter(init=...)``, ``fine_steps`` steps) and scored on the fold's held-out tiles."""
+    MoNuSeg tiles (``train_segmenter(init=...)``, ``fine_steps`` steps) and scored on the fold's held-out tiles.
+
+    ``n_tiles``: fine-tune on the first n training tiles of each fold, for each n (``None``: all of them).
+    """
     import scellst
 
     imgs, masks = [t["image"] for t in tiles], [t["instances"] for t in tiles]
@@ -216,9 +227,18 @@ def fine_tuning(tiles: list[dict], unet_kwargs: dict, extra: list[str], fine_ste
         f"{summary(rows)}; {speed:.2f} MP/s",
         flush=True,
     )
+    for n in n_tiles or [None]:
+        _fine_tune_folds(tiles, public, rows, fine_steps, n, kw)
+
+
+def _fine_tune_folds(tiles, public, public_rows, fine_steps, n, kw) -> None:
+    import scellst
+
+    imgs, masks = [t["image"] for t in tiles], [t["instances"] for t in tiles]
+    mpps = [t["microns_per_pixel"] for t in tiles]
     tuned_rows = []
     for k, test in enumerate(monuseg_folds(len(tiles), 2)):
-        train = [i for i in range(len(tiles)) if i not in test]
+        train = [i for i in range(len(tiles)) if i not in test][:n]
         t0 = time.perf_counter()
         tuned = scellst.tl.train_segmenter(
             [imgs[i] for i in train],
@@ -232,11 +252,16 @@ def fine_tuning(tiles: list[dict], unet_kwargs: dict, extra: list[str], fine_ste
         fold_rows, _ = score([imgs[i] for i in test], [masks[i] for i in test], [mpps[i] for i in test], tuned)
         tuned_rows += fold_rows
         print(
-            f"  fine-tuned fold {k} on {len(train)} MoNuSeg tiles ({fine_steps} steps, {tune_s:.0f} s): "
-            f"{len(test)} held-out tiles: {summary(fold_rows)} (before fine-tuning: {summary([rows[i] for i in test])})",
+            f"  fine-tuned fold {k} on {len(train)} MoNuSeg tiles ({', '.join(tiles[i]['name'][:12] for i in train)}; "
+            f"{fine_steps} steps, {tune_s:.0f} s): {len(test)} held-out tiles: {summary(fold_rows)} "
+            f"(before fine-tuning: {summary([public_rows[i] for i in test])})",
             flush=True,
         )
-    print(f"MoNuSeg fine-tuned U-Nets, every tile scored by the model that did not see it: {summary(tuned_rows)}")
+    print(
+        f"MoNuSeg U-Nets fine-tuned on {'all the' if n is None else n} tiles of each fold, every tile scored by the "
+        f"model that did not see it: {summary(tuned_rows)}",
+        flush=True,
+    )
 
 
 def consep(unet_kwargs: dict, unet: bool = True) -> None:
@@ -414,6 +439,12 @@ def main() -> None:
         metavar="STEPS",
         help="also train a U-Net on the --extra sets only and fine-tune it for STEPS steps on each MoNuSeg fold",
     )
+    parser.add_argument(
+        "--fine-tune-tiles",
+        default=None,
+        help="with --fine-tune: fine-tune on the first N MoNuSeg tiles of each fold, for each N of this "
+        "comma-separated list (default: all the fold's tiles)",
+    )
     parser.add_argument("--skip-unet", action="store_true", help="only the classical segmenter on MoNuSeg/CoNSeP")
     parser.add_argument("--skip-monuseg", action="store_true")
     parser.add_argument("--skip-consep", action="store_true")
@@ -453,7 +484,12 @@ def main() -> None:
         if args.fine_tune:
             if not extra:
                 parser.error("--fine-tune needs public training sets (--extra)")
-            fine_tuning(tiles, unet_kwargs, extra, args.fine_tune, seed=args.seed)
+            n_tiles = None
+            if args.fine_tune_tiles is not None:
+                n_tiles = [int(n) for n in args.fine_tune_tiles.split(",") if n.strip()]
+                if not n_tiles or min(n_tiles) < 1:
+                    parser.error(f"--fine-tune-tiles: positive tile counts, got {args.fine_tune_tiles!r}")
+            fine_tuning(tiles, unet_kwargs, extra, args.fine_tune, n_tiles=n_tiles, seed=args.seed)
         if args.self_train:
             self_training(tiles, classical, args.self_rounds, seed=args.seed)
     if not args.skip_consep:
