@@ -92,6 +92,20 @@ def gbm40_training_set() -> tuple[list, list]:
 EXTRA_SETS = {"consep": consep_training_set, "gbm40": gbm40_training_set}
 
 
+def extra_training_set(extra: list[str]) -> tuple[list, list]:
+    """Images and instance masks of the named ``EXTRA_SETS``, concatenated (all at 0.25 um/px)."""
+    imgs, masks = [], []
+    for name in extra:
+        i, m = EXTRA_SETS[name]()
+        imgs, masks = imgs + i, masks + m
+    return imgs, masks
+
+
+def tile_arrays(tiles: list[dict]) -> tuple[list, list, list]:
+    """Images, instance masks and microns per pixel of annotated tiles (``scellst.datasets.annotated_tiles``)."""
+    return [t["image"] for t in tiles], [t["instances"] for t in tiles], [t["microns_per_pixel"] for t in tiles]
+
+
 def monuseg_folds(n_tiles: int, n_folds: int) -> list[list[int]]:
     """Held-out tiles of each fold: fold ``k`` scores the tiles ``i`` with ``i % n_folds == (k + 1) % n_folds``.
 
@@ -114,8 +128,7 @@ def monuseg(
     import scellst
 
     tiles = scellst.datasets.annotated_tiles("monuseg", path=DATA / "monuseg")
-    imgs, masks = [t["image"] for t in tiles], [t["instances"] for t in tiles]
-    mpps = [t["microns_per_pixel"] for t in tiles]
+    imgs, masks, mpps = tile_arrays(tiles)
     rows, speed = score(imgs, masks, mpps, "classical")
     classical = rows
     print(f"MoNuSeg classical (13 tiles): {summary(rows)}; {speed:.2f} MP/s", flush=True)
@@ -123,10 +136,7 @@ def monuseg(
         return tiles, classical
     held_out = monuseg_folds(len(tiles), n_folds)
     all_rows, speeds = [], []
-    extra_imgs, extra_masks = [], []  # read once for both folds
-    for name in extra:
-        i, m = EXTRA_SETS[name]()
-        extra_imgs, extra_masks = extra_imgs + i, extra_masks + m
+    extra_imgs, extra_masks = extra_training_set(extra)  # read once for both folds
     for k in folds:
         test = held_out[k]
         train = [i for i in range(len(tiles)) if i not in test]
@@ -166,8 +176,7 @@ def self_training(tiles: list[dict], classical: list[dict], rounds: int, seed: i
     """
     import scellst
 
-    imgs, masks = [t["image"] for t in tiles], [t["instances"] for t in tiles]
-    mpps = [t["microns_per_pixel"] for t in tiles]
+    imgs, masks, mpps = tile_arrays(tiles)
     slides = [scellst.io.from_image(i, microns_per_pixel=m) for i, m in zip(imgs, mpps, strict=True)]
 
     def train(idx: list[int]):
@@ -211,12 +220,8 @@ def fine_tuning(
     """
     import scellst
 
-    imgs, masks = [t["image"] for t in tiles], [t["instances"] for t in tiles]
-    mpps = [t["microns_per_pixel"] for t in tiles]
-    extra_imgs, extra_masks = [], []
-    for name in extra:
-        i, m = EXTRA_SETS[name]()
-        extra_imgs, extra_masks = extra_imgs + i, extra_masks + m
+    imgs, masks, mpps = tile_arrays(tiles)
+    extra_imgs, extra_masks = extra_training_set(extra)
     t0 = time.perf_counter()
     kw = {"show_progress_bar": False, "seed": seed}
     public = scellst.tl.train_segmenter(extra_imgs, extra_masks, microns_per_pixel=0.25, **kw, **unet_kwargs)
@@ -234,8 +239,7 @@ def fine_tuning(
 def _fine_tune_folds(tiles, public, public_rows, fine_steps, n, kw) -> None:
     import scellst
 
-    imgs, masks = [t["image"] for t in tiles], [t["instances"] for t in tiles]
-    mpps = [t["microns_per_pixel"] for t in tiles]
+    imgs, masks, mpps = tile_arrays(tiles)
     tuned_rows = []
     for k, test in enumerate(monuseg_folds(len(tiles), 2)):
         train = [i for i in range(len(tiles)) if i not in test][:n]
