@@ -567,7 +567,8 @@ def _check_nucleus_sizes(
     if median_area < 2 * min_area_um2 or median_area > 0.5 * max_area_um2:
         logger.warning(
             f"The median nucleus area is {median_area:.1f} um2, unusual for H&E (typically 20-60 um2): check the "
-            f"microns per pixel of {what}."
+            f"microns per pixel of {what}, then whether the segmentation method suits this tissue (a model trained "
+            "on other tissue can draw nuclei too small or too large: fine-tune it, see `train_segmenter(init=...)`)."
         )
 
 
