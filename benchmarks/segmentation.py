@@ -30,6 +30,7 @@ Usage (from the repository root, with ../shared/data present):
 from __future__ import annotations
 
 import argparse
+import functools
 import time
 
 import numpy as np
@@ -95,8 +96,12 @@ def gbm40_training_set() -> tuple[list, list]:
 EXTRA_SETS = {"consep": consep_training_set, "gbm40": gbm40_training_set}
 
 
-def extra_training_set(extra: list[str]) -> tuple[list, list]:
-    """Images and instance masks of the named ``EXTRA_SETS``, concatenated (all at 0.25 um/px)."""
+@functools.lru_cache(maxsize=1)
+def extra_training_set(extra: tuple[str, ...]) -> tuple[list, list]:
+    """Images and instance masks of the named ``EXTRA_SETS``, concatenated (all at 0.25 um/px).
+
+    Cached: the MoNuSeg folds and ``--fine-tune`` in one run read the sets once.
+    """
     imgs, masks = [], []
     for name in extra:
         i, m = EXTRA_SETS[name]()
@@ -139,7 +144,7 @@ def monuseg(
         return tiles, classical
     held_out = monuseg_folds(len(tiles), n_folds)
     all_rows, speeds = [], []
-    extra_imgs, extra_masks = extra_training_set(extra)  # read once for both folds
+    extra_imgs, extra_masks = extra_training_set(tuple(extra))  # read once for both folds
     for k in folds:
         test = held_out[k]
         train = [i for i in range(len(tiles)) if i not in test]
@@ -224,7 +229,7 @@ def fine_tuning(
     import scellst
 
     imgs, masks, mpps = tile_arrays(tiles)
-    extra_imgs, extra_masks = extra_training_set(extra)
+    extra_imgs, extra_masks = extra_training_set(tuple(extra))
     t0 = time.perf_counter()
     kw = {"show_progress_bar": False, "seed": seed}
     public = scellst.tl.train_segmenter(extra_imgs, extra_masks, microns_per_pixel=0.25, **kw, **unet_kwargs)
