@@ -512,3 +512,26 @@ def test_self_training_works_at_the_coarsest_slides_resolution(caplog):
         model = scellst.tl.self_train_segmenter(coarse, working_mpp=0.5, show_progress_bar=False, **kw)
     assert model.config.microns_per_pixel == pytest.approx(0.5)
     assert "upsampled" in caplog.text
+
+
+@pytest.mark.parametrize("factor", [0.8, 1.5, 1.98, 2.0, 3.3])
+def test_resample_rgb_size_mean_and_anti_aliasing(factor):
+    """Output size ``round(size / factor)``, the mean colour kept, and no aliasing when downscaling.
+
+    A one-pixel checkerboard has no structure at the coarser scale: an anti-aliased downscale turns it grey, a
+    nearest or plain bilinear one would keep stripes of the extremes.
+    """
+    from scellst.tl._segmenter import resample_rgb
+
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 256, size=(101, 67, 3)).astype(np.uint8)
+    out = resample_rgb(img, factor)
+    assert out.dtype == np.uint8
+    size = np.ceil if factor == round(factor) else np.round  # block means keep a partial last block
+    assert out.shape == (int(size(101 / factor)), int(size(67 / factor)), 3)
+    assert np.abs(out[-1].astype(float).mean() - img[-3:].mean()) < 25  # the last row is not darkened
+    assert out.reshape(-1, 3).mean(0) == pytest.approx(img.reshape(-1, 3).mean(0), abs=3)
+    if factor > 1:
+        board = (np.indices((120, 120)).sum(0) % 2 * 255).astype(np.uint8)[..., None].repeat(3, axis=-1)
+        inner = resample_rgb(board, factor)[4:-4, 4:-4].astype(float)
+        assert np.abs(inner - 127.5).max() < 50
