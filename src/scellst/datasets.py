@@ -122,7 +122,8 @@ def synthetic_tissue(
     Returns
     -------
     A SpatialData laid out as :func:`scellst.io.from_spots` builds it (``he``, ``spots``, ``spots_counts``), plus
-    ``shapes['true_cells']`` (nucleus centres with radius) and ``tables['true_expression']`` (cells x genes: the
+    ``shapes['true_cells']`` (nucleus centres with ``radius``, the major semi-axis of the drawn elliptic nucleus in
+    pixels, its ``minor_radius`` and ``angle``) and ``tables['true_expression']`` (cells x genes: the
     expected counts of each cell in ``X``, sampled counts in ``layers['counts']``, ``obs['cell_type']``).
     """
     from scipy.ndimage import gaussian_filter
@@ -259,6 +260,8 @@ def synthetic_tissue(
         chunks=1024,
     )
     _add_truth(sdata, x_um / mpp, y_um / mpp, axis / mpp, mu, cell_counts, genes, cell_type, mpp)
+    sdata.shapes[Key.TRUE_CELLS]["minor_radius"] = minor / mpp  # the drawn nucleus: an ellipse of these semi-axes
+    sdata.shapes[Key.TRUE_CELLS]["angle"] = angle  # its major axis, radians from x towards y (image pixels)
     sdata.tables[Key.SPOTS_COUNTS].obs[Col.N_CELLS] = np.array([len(m) for m in members])
     logger.info(
         f"Synthetic tissue (seed {seed}): {w_px:,} x {h_px:,} px, {n_cells:,} cells, {len(spot_um)} spots, "
@@ -292,6 +295,21 @@ def _add_truth(sdata, x_px, y_px, radius_px, mu, cell_counts, genes, cell_type, 
     adata.obsm["spatial"] = np.column_stack([x_px, y_px])
     sdata.tables[Key.TRUE_EXPRESSION] = TableModel.parse(
         adata, region=Key.TRUE_CELLS, region_key=Col.REGION, instance_key=Col.CELL_ID
+    )
+
+
+def _write_nucleus_outlines(path: Path, cells, ids: np.ndarray, to_um: np.ndarray, offset_um) -> None:
+    """Xenium ``nucleus_boundaries`` (``cell_id``, ``vertex_x``, ``vertex_y`` in microns) of the true elliptic nuclei."""
+    cells = cells.set_axis(cells.index.astype(str)).reindex(ids)
+    t = np.linspace(0, 2 * np.pi, 24, endpoint=False)
+    a, b = cells[Col.RADIUS].to_numpy()[:, None], cells["minor_radius"].to_numpy()[:, None]
+    ca, sa = np.cos(cells["angle"].to_numpy())[:, None], np.sin(cells["angle"].to_numpy())[:, None]
+    u, v = a * np.cos(t), b * np.sin(t)  # along the major and minor axes, pixels
+    x = cells.geometry.x.to_numpy()[:, None] + u * ca - v * sa
+    y = cells.geometry.y.to_numpy()[:, None] + u * sa + v * ca
+    xy = np.column_stack([x.ravel(), y.ravel()]) @ to_um[:2, :2].T + to_um[:2, 2] + np.asarray(offset_um)
+    pd.DataFrame({"cell_id": np.repeat(ids, len(t)), "vertex_x": xy[:, 0], "vertex_y": xy[:, 1]}).to_csv(
+        path, index=False
     )
 
 
@@ -540,6 +558,7 @@ def write_synthetic_xenium(
     """Write the true cells of :func:`synthetic_tissue` as a Xenium output folder, with an H&E alignment file.
 
     The folder holds ``cells.csv.gz`` (centroids in a micron frame shifted by ``offset_um``),
+    ``nucleus_boundaries.csv.gz`` (the outlines of the nuclei drawn in the H&E, 24 vertices each, same frame),
     ``cell_feature_matrix.h5`` (the true counts, 10x HDF5 layout), ``experiment.xenium`` and
     ``he_imagealignment.csv`` (H&E pixels -> Xenium pixels). Reading it back with
     ``scellst.io.xenium(path, he_image=..., alignment=path / "he_imagealignment.csv")`` gives a case where every
@@ -580,6 +599,7 @@ def write_synthetic_xenium(
         feats["name"] = np.array([v.encode() for v in truth.var_names.astype(str)])
         feats["id"] = feats["name"][()]
         feats["feature_type"] = np.array([b"Gene Expression"] * truth.n_vars)
+    _write_nucleus_outlines(folder / "nucleus_boundaries.csv.gz", cells, ids, to_um, offset_um)
     (folder / "experiment.xenium").write_text(json.dumps({"pixel_size": pixel_size}))
     k = mpp / pixel_size
     alignment = np.array([[k, 0, offset_um[0] / pixel_size], [0, k, offset_um[1] / pixel_size], [0, 0, 1.0]])
