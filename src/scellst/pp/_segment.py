@@ -319,11 +319,28 @@ def _process_tile(data, core, to_level0, residual, segmenter, params):
     )
 
 
+def render_polygons(geoms: np.ndarray, ids: np.ndarray, tree, window: tuple[int, int, int, int]) -> np.ndarray:
+    """Label image ``(y1 - y0, x1 - x0)`` (uint32) of the polygons (pixel frame) that meet ``window``.
+
+    ``tree`` is a :class:`shapely.STRtree` of ``geoms``; each polygon is drawn with its value in ``ids`` (pixel
+    centres inside it; where polygons overlap, the later one wins).
+    """
+    from shapely import box
+    from skimage.draw import polygon as draw_polygon
+
+    y0, y1, x0, x1 = window
+    out = np.zeros((y1 - y0, x1 - x0), dtype=np.uint32)
+    for i in tree.query(box(x0, y0, x1, y1)):
+        xy = np.asarray(geoms[i].exterior.coords)
+        rr, cc = draw_polygon(xy[:, 1] - y0, xy[:, 0] - x0, shape=out.shape)
+        out[rr, cc] = ids[i]
+    return out
+
+
 def rasterize_nuclei(gdf: gpd.GeoDataFrame, shape: tuple[int, int], *, chunks: int = 2048):
     """A lazy dask label image of the polygons (value = the shapes' integer index), rendered block by block."""
     import dask.array as da
-    from shapely import STRtree, box
-    from skimage.draw import polygon as draw_polygon
+    from shapely import STRtree
 
     geoms = gdf.geometry.to_numpy()
     ids = gdf.index.to_numpy().astype(np.uint32)
@@ -331,12 +348,7 @@ def rasterize_nuclei(gdf: gpd.GeoDataFrame, shape: tuple[int, int], *, chunks: i
 
     def _render(block: np.ndarray, block_info=None) -> np.ndarray:
         (y0, y1), (x0, x1) = block_info[0]["array-location"]
-        out = np.zeros((y1 - y0, x1 - x0), dtype=np.uint32)
-        for i in tree.query(box(x0, y0, x1, y1)):
-            xy = np.asarray(geoms[i].exterior.coords)
-            rr, cc = draw_polygon(xy[:, 1] - y0, xy[:, 0] - x0, shape=out.shape)
-            out[rr, cc] = ids[i]
-        return out
+        return render_polygons(geoms, ids, tree, (y0, y1, x0, x1))
 
     template = da.zeros(shape, chunks=(chunks, chunks), dtype=np.uint32)
     return template.map_blocks(_render, dtype=np.uint32)

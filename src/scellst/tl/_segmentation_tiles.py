@@ -1,0 +1,220 @@
+"""Training tiles for :func:`scellst.tl.train_segmenter` from nucleus outlines registered to an H&E image."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+from tqdm.auto import tqdm
+
+from .._logging import logger
+from .._utils import (
+    get_key,
+    get_microns_per_pixel,
+    image_level0,
+    image_rgb_tile,
+    instance_ids,
+    intrinsic_to_intrinsic,
+    source_image_key,
+)
+
+if TYPE_CHECKING:
+    from spatialdata import SpatialData
+
+
+def segmentation_tiles(
+    sdata: SpatialData,
+    shapes_key: str,
+    *,
+    image_key: str | None = None,
+    class_key: str | None = None,
+    table_key: str | None = None,
+    tile_um: float = 128.0,
+    max_tiles: int | None = 64,
+    min_nuclei: int = 10,
+    region: tuple[float, float, float, float] | None = None,
+    seed: int = 0,
+    show_progress_bar: bool = True,
+) -> dict[str, Any]:
+    """Cut H&E tiles and their nucleus masks from outlines registered to the image, to train a segmenter.
+
+    This trains H&E segmentation (and classification) from spatial transcriptomics: Xenium nucleus boundaries read
+    with :func:`scellst.io.xenium` together with the H&E of the same section share its coordinate system, and their
+    cell types (from the Xenium expression) become nucleus classes. Any outlines work: imported with
+    :func:`scellst.io.read_nuclei` (QuPath, CellViT, HoVer-Net, label images) or circles.
+
+    The outlines are mapped into the image's pixels through the coordinate system they share. Square tiles of
+    ``tile_um`` microns are laid on a grid over ``region`` (default: the box around the outlines, since tissue
+    outside the annotated area would teach the model to miss nuclei); tiles with at least ``min_nuclei`` nucleus
+    centres are kept, at most ``max_tiles`` of them drawn at random. Each tile is read at full resolution from the
+    lazy image, so memory stays at the size of the tiles.
+
+    Parameters
+    ----------
+    sdata
+        SpatialData with the H&E image and the nucleus outlines.
+    shapes_key
+        The nucleus shapes (polygons, or circles with a ``radius`` column).
+    image_key
+        The H&E image; default: the image the shapes were segmented from or imported for, else the only image.
+    class_key
+        Nucleus class: a column of the shapes, or of a table annotating them (matched on its instance key, e.g.
+        Xenium cell types in ``obs`` keyed by ``cell_id``). Nuclei without a class (missing value) still train the
+        outlines but not the classes.
+    table_key
+        The table that holds ``class_key`` when it is not a column of the shapes; default: the tables are searched.
+    tile_um
+        Side of a tile in microns.
+    max_tiles
+        At most this many tiles (drawn at random with ``seed``); ``None``: all that qualify.
+    min_nuclei
+        Fewest nucleus centres in a tile for it to be kept.
+    region
+        ``(x0, y0, x1, y1)`` in the image's full-resolution pixels: tiles are taken inside it, e.g. one part of a
+        section for training and another to test the model.
+    seed
+        Random seed of the tile draw.
+    show_progress_bar
+        Show a progress bar while reading the tiles.
+
+    Returns
+    -------
+    The keyword arguments of :func:`scellst.tl.train_segmenter`: ``images`` (RGB uint8 tiles), ``masks`` (instance
+    labels), ``microns_per_pixel``, and with ``class_key`` ``classes`` (class per pixel, 0 background or no class)
+    and ``class_names``; use ``scellst.tl.train_segmenter(**tiles, out=...)``.
+
+    Examples
+    --------
+    >>> sdata = scellst.io.xenium("xenium_out", he_image="he.ome.tif", alignment="he_imagealignment.csv")
+    >>> tiles = scellst.tl.segmentation_tiles(sdata, "xenium_nuclei", image_key="he")
+    >>> model = scellst.tl.train_segmenter(**tiles, out="he_from_xenium.pt")
+    """
+    import shapely
+    from shapely import STRtree
+
+    from ..pp._segment import render_polygons
+
+    shapes_key = get_key(sdata, "shapes", shapes_key, what="nucleus shapes")
+    image_key = source_image_key(sdata, shapes_key, image_key)
+    if tile_um <= 0:
+        raise ValueError(f"`tile_um` must be > 0 (microns), got {tile_um}.")
+    if max_tiles is not None and max_tiles < 1:
+        raise ValueError(f"`max_tiles` must be >= 1 or None, got {max_tiles}.")
+    gdf = sdata.shapes[shapes_key]
+    if len(gdf) == 0:
+        raise ValueError(f"Shapes {shapes_key!r} are empty: there is no nucleus to train on.")
+    mpp = get_microns_per_pixel(sdata, image_key)
+    arr = image_level0(sdata, image_key)
+    _, h, w = arr.shape
+
+    geoms = gdf.geometry.to_numpy()
+    kinds = set(shapely.get_type_id(geoms).tolist())
+    if kinds <= {0}:  # circles (points with a radius, as spatialdata requires)
+        geoms = shapely.buffer(geoms, gdf["radius"].to_numpy(dtype=float), quad_segs=8)
+    elif not kinds <= {3, 6}:
+        raise ValueError(f"Shapes {shapes_key!r} must be nucleus polygons or circles (found geometry types {kinds}).")
+    if 6 in kinds:  # a multipolygon: its largest part
+        geoms = np.array(
+            [max(g.geoms, key=lambda p: p.area) if g.geom_type == "MultiPolygon" else g for g in geoms], dtype=object
+        )
+    m = intrinsic_to_intrinsic(sdata, shapes_key, image_key)  # shapes' frame -> image pixels (x, y)
+    geoms = shapely.transform(geoms, lambda xy: xy @ m[:2, :2].T + m[:2, 2])
+    centres = shapely.get_coordinates(shapely.centroid(geoms))
+    inside = (centres[:, 0] >= 0) & (centres[:, 0] < w) & (centres[:, 1] >= 0) & (centres[:, 1] < h)
+    if inside.mean() < 0.5:
+        raise ValueError(
+            f"{(~inside).sum():,} of {len(geoms):,} nuclei of {shapes_key!r} fall outside image {image_key!r} "
+            f"({w:,} x {h:,} px) once mapped into its pixels: check the registration (e.g. the alignment matrix of "
+            "`scellst.io.xenium`) and the coordinate systems of both."
+        )
+
+    codes, class_names = _class_codes(sdata, shapes_key, gdf, class_key, table_key)
+
+    side = max(int(round(tile_um / mpp)), 16)
+    if region is None:
+        x0, y0 = np.floor(centres[inside].min(axis=0)).astype(int)
+        x1, y1 = np.ceil(centres[inside].max(axis=0)).astype(int) + 1
+    else:
+        x0, y0, x1, y1 = (int(round(v)) for v in region)
+    x0, y0, x1, y1 = max(x0, 0), max(y0, 0), min(x1, w), min(y1, h)
+    ny, nx = (y1 - y0) // side, (x1 - x0) // side
+    if ny < 1 or nx < 1:
+        raise ValueError(
+            f"The region ({x1 - x0} x {y1 - y0} px) is smaller than one tile of {tile_um} um ({side} px): lower "
+            "`tile_um` or widen `region`."
+        )
+    ty = np.floor((centres[:, 1] - y0) / side).astype(int)
+    tx = np.floor((centres[:, 0] - x0) / side).astype(int)
+    ok = (ty >= 0) & (ty < ny) & (tx >= 0) & (tx < nx)
+    counts = np.bincount(ty[ok] * nx + tx[ok], minlength=ny * nx)
+    candidates = np.flatnonzero(counts >= min_nuclei)
+    if len(candidates) == 0:
+        raise ValueError(
+            f"No tile of {tile_um} um holds {min_nuclei} nuclei (most in one tile: {counts.max()}): lower "
+            "`min_nuclei`, or check that the outlines cover the tissue of the image."
+        )
+    if max_tiles is not None and len(candidates) > max_tiles:
+        candidates = np.sort(np.random.default_rng(seed).choice(candidates, size=max_tiles, replace=False))
+
+    tree = STRtree(geoms)
+    ids = np.arange(1, len(geoms) + 1, dtype=np.uint32)
+    images, masks, classes = [], [], []
+    for t in tqdm(candidates, desc="segmentation_tiles", disable=not show_progress_bar):
+        ty0, tx0 = y0 + (t // nx) * side, x0 + (t % nx) * side
+        window = (ty0, ty0 + side, tx0, tx0 + side)
+        mask = render_polygons(geoms, ids, tree, window).astype(np.int32)
+        images.append(image_rgb_tile(arr, ty0, ty0 + side, tx0, tx0 + side))
+        masks.append(mask)
+        if codes is not None:
+            classes.append(np.where(mask > 0, codes[np.maximum(mask - 1, 0)], 0))
+    logger.info(
+        f"Cut {len(images)} tiles of {tile_um:g} um ({side} px) from {image_key!r} with "
+        f"{int(counts[candidates].sum()):,} nuclei of {shapes_key!r}"
+        + (f" in {len(class_names)} classes" if class_names else "")
+    )
+    return {
+        "images": images,
+        "masks": masks,
+        "microns_per_pixel": [mpp] * len(images),
+        "classes": classes if codes is not None else None,
+        "class_names": class_names,
+    }
+
+
+def _class_codes(
+    sdata: SpatialData, shapes_key: str, gdf, class_key: str | None, table_key: str | None
+) -> tuple[np.ndarray | None, list[str] | None]:
+    """Class of each nucleus as codes 1..K (0: none) in the order of the shapes, and the K class names."""
+    if class_key is None:
+        return None, None
+    if class_key in gdf.columns and table_key is None:
+        values = gdf[class_key]
+    else:
+        keys = [table_key] if table_key is not None else list(sdata.tables.keys())
+        for key in keys:
+            get_key(sdata, "tables", key)
+            table = sdata.tables[key]
+            if class_key in table.obs:
+                break
+        else:
+            raise KeyError(
+                f"`class_key` {class_key!r} is neither a column of shapes {shapes_key!r} nor of the obs of "
+                f"{'table ' + repr(table_key) if table_key else 'any table'}."
+            )
+        by_id = pd.Series(table.obs[class_key].to_numpy(), index=instance_ids(table).astype(str))
+        by_id = by_id[~by_id.index.duplicated()]
+        values = by_id.reindex(gdf.index.astype(str))
+        if values.notna().sum() == 0:
+            raise ValueError(
+                f"No nucleus of {shapes_key!r} matches a row of table {key!r} by its instance key: are the "
+                "shapes' index and the table's instance ids the same cells?"
+            )
+    values = pd.Series(values.to_numpy(), dtype="category")
+    names = [str(c) for c in values.cat.categories]
+    if not names:
+        raise ValueError(f"`class_key` {class_key!r} has no values.")
+    n_missing = int(values.isna().sum())
+    if n_missing:
+        logger.info(f"{n_missing:,} nuclei have no {class_key!r}: they train the outlines, not the classes")
+    return (values.cat.codes.to_numpy() + 1).astype(np.int64), names
