@@ -15,7 +15,8 @@ Usage (from the repository root, with ../shared/data present):
 2. CoNSeP (224 patches, 4 classes): classical, and a class-aware U-Net trained on the patches of images 1-7 and
    scored on images 8-14, with per-class detection F1.
 3. Speed (megapixels of the input per second) and peak memory of the classical segmenter on a dask-backed synthetic
-   slide of ``--large`` x ``--large`` px that is never loaded whole.
+   slide of ``--large`` x ``--large`` px that is never loaded whole; then the time to cut 64 training tiles from its
+   nuclei with ``scellst.tl.segmentation_tiles`` (as from a Xenium section's nucleus boundaries).
 4. Nuclei per spot on the HER2ST sections, and an overlay PNG (benchmarks/results/her2st_C2_overlay.png).
 5. With ``--self-train``: ``self_train_segmenter`` on MoNuSeg, no annotations used for training: (a) trained on
    the 13 tiles themselves and scored on them (what a user does on a slide), (b) trained on the even / odd tiles and
@@ -340,6 +341,15 @@ def large(size: int) -> None:
         f"Large slide {size:,} x {size:,} px (dask, {size * size / 1e6:.0f} MP): {n:,} nuclei in {dt:.0f} s = "
         f"{size * size / 1e6 / dt:.2f} MP/s; peak memory {peak_memory_gib():.2f} GiB (before: {before:.2f} GiB; the "
         f"slide would be {3 * size * size / 2**30:.1f} GiB in memory)",
+        flush=True,
+    )
+    # training tiles from these outlines, as from a Xenium section's nucleus boundaries
+    t0 = time.perf_counter()
+    tiles = scellst.tl.segmentation_tiles(sdata, "nuclei", max_tiles=64, show_progress_bar=False)
+    dt = time.perf_counter() - t0
+    print(
+        f"segmentation_tiles on its {n:,} outlines: {len(tiles['images'])} tiles of 128 um in {dt:.1f} s; peak memory "
+        f"{peak_memory_gib():.2f} GiB",
         flush=True,
     )
 
