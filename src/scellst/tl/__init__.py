@@ -6,7 +6,7 @@ from ._embed import embed_cells
 from ._evaluate import cross_validate, evaluate
 from ._metrics import metrics_per_gene
 from ._segmentation_metrics import evaluate_segmentation
-from ._segmentation_tiles import segmentation_tiles
+from ._segmentation_tiles import registration_shifts, segmentation_tiles
 from ._segmenter import train_segmenter
 from ._self_segmenter import self_train_segmenter
 from ._simulation import SimulatedSpots, benchmark_simulation, simulate_spots
@@ -31,6 +31,7 @@ __all__ = [
     "match_cells",
     "metrics_per_gene",
     "predict",
+    "registration_shifts",
     "score_cell_types",
     "segmentation_tiles",
     "self_train_segmenter",

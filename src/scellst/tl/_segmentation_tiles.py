@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -100,10 +101,177 @@ def segmentation_tiles(
     >>> tiles = scellst.tl.segmentation_tiles(sdata, "xenium_nuclei", image_key="he")
     >>> model = scellst.tl.train_segmenter(**tiles, out="he_from_xenium.pt")
     """
-    import shapely
-    from shapely import STRtree
+    grid = _outline_tiles(
+        sdata,
+        shapes_key,
+        image_key=image_key,
+        tile_um=tile_um,
+        min_nuclei=min_nuclei,
+        region=region,
+        max_tiles=max_tiles,
+        seed=seed,
+    )
+    codes, class_names = _class_codes(sdata, grid.shapes_key, sdata.shapes[grid.shapes_key], class_key, table_key)
+    max_px = _max_shift_px(max_shift_um, grid.mpp)
+    images, masks, classes, shifts = [], [], [], []
+    for ty0, tx0 in tqdm(grid.origins, desc="segmentation_tiles", disable=not show_progress_bar):
+        image = grid.image(ty0, tx0)
+        mask = grid.mask(ty0, tx0)
+        if max_px > 0:
+            dy, dx = registration_shift(image, mask, max_px=max_px, microns_per_pixel=grid.mpp)
+            shifts.append((dy, dx))
+            if np.hypot(dy, dx) * grid.mpp >= 0.5:  # draw the outlines where the nuclei are
+                mask = grid.mask(ty0 - dy, tx0 - dx)
+        images.append(image)
+        masks.append(mask)
+        if codes is not None:
+            classes.append(np.where(mask > 0, codes[np.maximum(mask - 1, 0)], 0))
+    if shifts:
+        _report_shifts(np.asarray(shifts), mpp=grid.mpp, max_px=max_px, mended=True)
+    logger.info(
+        f"Cut {len(images)} tiles of {tile_um:g} um ({grid.side} px) from {grid.image_key!r} with "
+        f"{int(grid.n_nuclei.sum()):,} nuclei of {grid.shapes_key!r}"
+        + (f" in {len(class_names)} classes" if class_names else "")
+    )
+    return {
+        "images": images,
+        "masks": masks,
+        "microns_per_pixel": [grid.mpp] * len(images),
+        "classes": classes if codes is not None else None,
+        "class_names": class_names,
+    }
 
-    from ..pp._segment import render_polygons
+
+def registration_shifts(
+    sdata: SpatialData,
+    shapes_key: str,
+    *,
+    image_key: str | None = None,
+    tile_um: float = 256.0,
+    max_shift_um: float = 10.0,
+    min_nuclei: int = 20,
+    region: tuple[float, float, float, float] | None = None,
+    max_tiles: int | None = None,
+    seed: int = 0,
+    show_progress_bar: bool = True,
+) -> pd.DataFrame:
+    """How far nucleus outlines registered to an H&E sit from its nuclei, tile by tile, across the section.
+
+    A check of the registration of an H&E with Xenium (or any outlines in a coordinate system shared with the
+    image) before comparing cells one to one (:func:`scellst.tl.compare_xenium`) or training on the outlines
+    (:func:`segmentation_tiles`). In each tile the nucleus mask drawn from the outlines is cross-correlated with
+    the haematoxylin of the image; the best match within ``max_shift_um`` is the local registration error.
+
+    Parameters
+    ----------
+    sdata
+        SpatialData with the H&E image and the nucleus outlines.
+    shapes_key
+        The nucleus shapes (polygons, or circles with a ``radius``), e.g. Xenium nucleus boundaries.
+    image_key
+        The H&E image; default: the image the shapes were segmented from or imported for, else the only image.
+    tile_um
+        Side of a tile in microns.
+    max_shift_um
+        Largest error looked for, in microns.
+    min_nuclei
+        Fewest nucleus centres in a tile for it to be measured.
+    region
+        ``(x0, y0, x1, y1)`` in the image's full-resolution pixels; default: the box around the outlines.
+    max_tiles
+        At most this many tiles (drawn at random with ``seed``); ``None``: every tile.
+    seed
+        Random seed of the tile draw.
+    show_progress_bar
+        Show a progress bar.
+
+    Returns
+    -------
+    One row per tile: ``x``, ``y`` (its centre, in the image's full-resolution pixels), ``dx_um``, ``dy_um`` (how
+    far to move the outlines to put them on the nuclei, along the image's x and y), ``shift_um`` (the length),
+    ``n_nuclei``, and ``at_limit`` (the best match is at ``max_shift_um``: the error may be larger). The median and
+    90th percentile of ``shift_um`` are logged, and a warning is given when many tiles are at the limit.
+
+    Examples
+    --------
+    >>> shifts = scellst.tl.registration_shifts(xs, "xenium_nuclei", image_key="he")
+    >>> shifts.plot.scatter("x", "y", c="shift_um")  # where the registration is off
+    """
+    grid = _outline_tiles(
+        sdata,
+        shapes_key,
+        image_key=image_key,
+        tile_um=tile_um,
+        min_nuclei=min_nuclei,
+        region=region,
+        max_tiles=max_tiles,
+        seed=seed,
+    )
+    max_px = _max_shift_px(max_shift_um, grid.mpp)
+    if max_px < 1:
+        raise ValueError(f"`max_shift_um` ({max_shift_um}) is under one pixel ({grid.mpp:g} um).")
+    shifts = np.array(
+        [
+            registration_shift(grid.image(y0, x0), grid.mask(y0, x0), max_px=max_px, microns_per_pixel=grid.mpp)
+            for y0, x0 in tqdm(grid.origins, desc="registration_shifts", disable=not show_progress_bar)
+        ]
+    ).reshape(-1, 2)
+    _report_shifts(shifts, mpp=grid.mpp, max_px=max_px, mended=False)
+    origins = np.asarray(grid.origins, dtype=float).reshape(-1, 2)
+    dy, dx = shifts[:, 0] * grid.mpp, shifts[:, 1] * grid.mpp
+    return pd.DataFrame(
+        {
+            "x": origins[:, 1] + grid.side / 2,
+            "y": origins[:, 0] + grid.side / 2,
+            "dx_um": dx,
+            "dy_um": dy,
+            "shift_um": np.hypot(dx, dy),
+            "n_nuclei": grid.n_nuclei,
+            "at_limit": np.abs(shifts).max(axis=1) >= max_px,
+        }
+    )
+
+
+@dataclass
+class _OutlineTiles:
+    """Nucleus outlines mapped into an image's full-resolution pixels, and the square tiles chosen over them."""
+
+    shapes_key: str
+    image_key: str
+    arr: Any  # lazy (c, y, x) level 0
+    mpp: float
+    geoms: np.ndarray  # polygons in image pixels (x, y)
+    tree: Any  # STRtree of geoms
+    side: int  # tile side, pixels
+    origins: list[tuple[int, int]]  # (y0, x0) of each tile
+    n_nuclei: np.ndarray  # nucleus centres in each tile
+
+    def image(self, y0: int, x0: int) -> np.ndarray:
+        """The RGB tile at ``(y0, x0)``."""
+        return image_rgb_tile(self.arr, y0, y0 + self.side, x0, x0 + self.side)
+
+    def mask(self, y0: int, x0: int) -> np.ndarray:
+        """Instance labels (1.. in the order of the shapes) of the outlines in the window at ``(y0, x0)``."""
+        from ..pp._segment import render_polygons
+
+        ids = np.arange(1, len(self.geoms) + 1, dtype=np.uint32)
+        window = (y0, y0 + self.side, x0, x0 + self.side)
+        return render_polygons(self.geoms, ids, self.tree, window).astype(np.int32)
+
+
+def _outline_tiles(
+    sdata: SpatialData,
+    shapes_key: str,
+    *,
+    image_key: str | None,
+    tile_um: float,
+    min_nuclei: int,
+    region: tuple[float, float, float, float] | None,
+    max_tiles: int | None,
+    seed: int,
+) -> _OutlineTiles:
+    """Map the outlines into the image's pixels and lay the tiles (see :func:`segmentation_tiles`)."""
+    import shapely
 
     shapes_key = get_key(sdata, "shapes", shapes_key, what="nucleus shapes")
     image_key = source_image_key(sdata, shapes_key, image_key)
@@ -113,7 +281,7 @@ def segmentation_tiles(
         raise ValueError(f"`max_tiles` must be >= 1 or None, got {max_tiles}.")
     gdf = sdata.shapes[shapes_key]
     if len(gdf) == 0:
-        raise ValueError(f"Shapes {shapes_key!r} are empty: there is no nucleus to train on.")
+        raise ValueError(f"Shapes {shapes_key!r} are empty: there is no nucleus outline.")
     mpp = get_microns_per_pixel(sdata, image_key)
     arr = image_level0(sdata, image_key)
     _, h, w = arr.shape
@@ -139,8 +307,6 @@ def segmentation_tiles(
             "`scellst.io.xenium`) and the coordinate systems of both."
         )
 
-    codes, class_names = _class_codes(sdata, shapes_key, gdf, class_key, table_key)
-
     side = max(int(round(tile_um / mpp)), 16)
     if region is None:
         x0, y0 = np.floor(centres[inside].min(axis=0)).astype(int)
@@ -158,49 +324,22 @@ def segmentation_tiles(
     tx = np.floor((centres[:, 0] - x0) / side).astype(int)
     ok = (ty >= 0) & (ty < ny) & (tx >= 0) & (tx < nx)
     counts = np.bincount(ty[ok] * nx + tx[ok], minlength=ny * nx)
-    candidates = np.flatnonzero(counts >= min_nuclei)
-    if len(candidates) == 0:
+    chosen = np.flatnonzero(counts >= min_nuclei)
+    if len(chosen) == 0:
         raise ValueError(
             f"No tile of {tile_um} um holds {min_nuclei} nuclei (most in one tile: {counts.max()}): lower "
             "`min_nuclei`, or check that the outlines cover the tissue of the image."
         )
-    if max_tiles is not None and len(candidates) > max_tiles:
-        candidates = np.sort(np.random.default_rng(seed).choice(candidates, size=max_tiles, replace=False))
+    if max_tiles is not None and len(chosen) > max_tiles:
+        chosen = np.sort(np.random.default_rng(seed).choice(chosen, size=max_tiles, replace=False))
+    origins = [(int(y0 + (t // nx) * side), int(x0 + (t % nx) * side)) for t in chosen]
+    return _OutlineTiles(shapes_key, image_key, arr, mpp, geoms, shapely.STRtree(geoms), side, origins, counts[chosen])
 
+
+def _max_shift_px(max_shift_um: float | None, mpp: float) -> int:
     if max_shift_um is not None and max_shift_um < 0:
         raise ValueError(f"`max_shift_um` must be >= 0 (microns) or None, got {max_shift_um}.")
-    max_px = int(round((max_shift_um or 0) / mpp))
-    tree = STRtree(geoms)
-    ids = np.arange(1, len(geoms) + 1, dtype=np.uint32)
-    images, masks, classes, shifts = [], [], [], []
-    for t in tqdm(candidates, desc="segmentation_tiles", disable=not show_progress_bar):
-        ty0, tx0 = y0 + (t // nx) * side, x0 + (t % nx) * side
-        image = image_rgb_tile(arr, ty0, ty0 + side, tx0, tx0 + side)
-        mask = render_polygons(geoms, ids, tree, (ty0, ty0 + side, tx0, tx0 + side)).astype(np.int32)
-        if max_px > 0:
-            dy, dx = registration_shift(image, mask, max_px=max_px, microns_per_pixel=mpp)
-            shifts.append((dy, dx))
-            if np.hypot(dy, dx) * mpp >= 0.5:  # draw the outlines where the nuclei are
-                window = (ty0 - dy, ty0 - dy + side, tx0 - dx, tx0 - dx + side)
-                mask = render_polygons(geoms, ids, tree, window).astype(np.int32)
-        images.append(image)
-        masks.append(mask)
-        if codes is not None:
-            classes.append(np.where(mask > 0, codes[np.maximum(mask - 1, 0)], 0))
-    if shifts:
-        _report_shifts(np.asarray(shifts), mpp=mpp, max_px=max_px)
-    logger.info(
-        f"Cut {len(images)} tiles of {tile_um:g} um ({side} px) from {image_key!r} with "
-        f"{int(counts[candidates].sum()):,} nuclei of {shapes_key!r}"
-        + (f" in {len(class_names)} classes" if class_names else "")
-    )
-    return {
-        "images": images,
-        "masks": masks,
-        "microns_per_pixel": [mpp] * len(images),
-        "classes": classes if codes is not None else None,
-        "class_names": class_names,
-    }
+    return int(round((max_shift_um or 0) / mpp))
 
 
 def registration_shift(
@@ -230,13 +369,14 @@ def registration_shift(
     return int(idx[iy]), int(idx[ix])
 
 
-def _report_shifts(shifts: np.ndarray, *, mpp: float, max_px: int) -> None:
+def _report_shifts(shifts: np.ndarray, *, mpp: float, max_px: int, mended: bool) -> None:
     """Log the registration shifts found in the tiles; warn when many reach the search limit."""
     length = np.hypot(shifts[:, 0], shifts[:, 1]) * mpp
     at_limit = float(np.mean(np.abs(shifts).max(axis=1) >= max_px))
     logger.info(
         f"Registration of the outlines to the image: shift median {np.median(length):.2f} um, 90th percentile "
-        f"{np.quantile(length, 0.9):.2f} um ({np.mean(length >= 0.5):.0%} of the tiles mended)"
+        f"{np.quantile(length, 0.9):.2f} um ({np.mean(length >= 0.5):.0%} of the tiles off by 0.5 um or more"
+        + (", mended)" if mended else ")")
     )
     if at_limit > 0.25:
         logger.warning(
