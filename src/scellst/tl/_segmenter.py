@@ -14,8 +14,8 @@ from .._logging import logger
 def resample_rgb(rgb: np.ndarray, factor: float) -> np.ndarray:
     """Resample an RGB image by ``1 / factor`` (``factor > 1`` downscales).
 
-    Integer factors take block means (``ceil(size / factor)`` pixels along each axis; a partial last block is the
-    mean of its own pixels); other downscaling is anti-aliased (a triangle filter as wide as the factor) and
+    Integer factors take block means (``ceil(size / factor)`` pixels along each axis; a partial last block is
+    completed with copies of its edge pixels); other downscaling is anti-aliased (a triangle filter as wide as the factor) and
     upsampling (``factor < 1``) bilinear, to ``round(size / factor)`` pixels.
     """
     if abs(factor - 1) < 1e-3:
