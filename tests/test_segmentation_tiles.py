@@ -166,6 +166,10 @@ def test_segmentation_tiles_errors(tissue, xenium_he):
         scellst.tl.segmentation_tiles(xenium_he, "xenium_nuclei", region=(0, 0, 50, 50))
     with pytest.raises(KeyError, match="No nucleus shapes"):
         scellst.tl.segmentation_tiles(xenium_he, "nuclei")
+    with pytest.raises(ValueError, match="max_shift_um"):
+        scellst.tl.segmentation_tiles(xenium_he, "xenium_nuclei", max_shift_um=-1)
+    with pytest.raises(ValueError, match="under one pixel"):
+        scellst.tl.registration_shifts(xenium_he, "xenium_nuclei", max_shift_um=0.1)
     # outlines registered 5 mm away from the image: a registration error, not empty tiles
     shifted = SpatialData(images=dict(xenium_he.images), shapes={"n": xenium_he.shapes["xenium_nuclei"].copy()})
     shifted.attrs.update(xenium_he.attrs)
