@@ -246,6 +246,9 @@ class _OutlineTiles:
     origins: list[tuple[int, int]]  # (y0, x0) of each tile
     n_nuclei: np.ndarray  # nucleus centres in each tile
 
+    def __post_init__(self) -> None:
+        self._ids = np.arange(1, len(self.geoms) + 1, dtype=np.uint32)  # mask values, in the order of the shapes
+
     def image(self, y0: int, x0: int) -> np.ndarray:
         """The RGB tile at ``(y0, x0)``."""
         return image_rgb_tile(self.arr, y0, y0 + self.side, x0, x0 + self.side)
@@ -254,9 +257,8 @@ class _OutlineTiles:
         """Instance labels (1.. in the order of the shapes) of the outlines in the window at ``(y0, x0)``."""
         from ..pp._segment import render_polygons
 
-        ids = np.arange(1, len(self.geoms) + 1, dtype=np.uint32)
         window = (y0, y0 + self.side, x0, x0 + self.side)
-        return render_polygons(self.geoms, ids, self.tree, window).astype(np.int32)
+        return render_polygons(self.geoms, self._ids, self.tree, window).astype(np.int32)
 
 
 def _outline_tiles(
