@@ -43,12 +43,12 @@ def _tiles_f1(tissue, tiles) -> list[float]:
     """Detection F1 of each tile's mask against the nuclei drawn in the synthetic H&E at the tile's place."""
     he = np.moveaxis(np.asarray(image_level0(tissue, "he").data.compute()), 0, -1)
     out = []
-    for img in tiles["images"]:  # where the tile sits in the H&E: find it by its pixels
+    for img, mask in zip(tiles["images"], tiles["masks"], strict=True):  # find each tile in the H&E by its pixels
         side = img.shape[0]
         hits = np.argwhere((he[:, :, 0] == img[0, 0, 0]) & (he[:, :, 1] == img[0, 0, 1]))
         y0, x0 = next((y, x) for y, x in hits if np.array_equal(he[y : y + side, x : x + side], img))
         truth = _true_labels(tissue, (y0, y0 + side, x0, x0 + side))
-        out.append(scellst.tl.evaluate_segmentation(tiles["masks"][len(out)], truth))
+        out.append(scellst.tl.evaluate_segmentation(mask, truth))
     return out
 
 
