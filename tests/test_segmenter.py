@@ -535,3 +535,64 @@ def test_resample_rgb_size_mean_and_anti_aliasing(factor):
         board = (np.indices((120, 120)).sum(0) % 2 * 255).astype(np.uint8)[..., None].repeat(3, axis=-1)
         inner = resample_rgb(board, factor)[4:-4, 4:-4].astype(float)
         assert np.abs(inner - 127.5).max() < 50
+
+
+def test_train_segmenter_crop_workers(small_training_set):
+    """Crops drawn by worker processes: the same model whatever their number; bad counts are clear errors."""
+    img, mask, _, _ = small_training_set
+    kw = {
+        "microns_per_pixel": 0.5,
+        "n_steps": 6,
+        "batch_size": 2,
+        "crop_size": 64,
+        "base_channels": 4,
+        "depth": 2,
+        "calibrate": False,
+        "precision": "fp32",
+        "device": "cpu",
+        "show_progress_bar": False,
+    }
+
+    def weights(model):
+        return np.concatenate([v.float().ravel().numpy() for v in model.state_dict.values()])
+
+    one = scellst.tl.train_segmenter([img], [mask], num_workers=1, **kw)
+    two = scellst.tl.train_segmenter([img], [mask], num_workers=2, **kw)
+    here = scellst.tl.train_segmenter([img], [mask], num_workers=0, **kw)
+    assert one.device == "cpu"
+    np.testing.assert_array_equal(weights(one), weights(two))
+    assert not np.array_equal(weights(one), weights(here))  # another random stream than num_workers=0
+    assert len(one.history["loss"]) == 6
+    with pytest.raises(ValueError, match="num_workers"):
+        scellst.tl.train_segmenter([img], [mask], num_workers=-1, **{**kw, "n_steps": 1})
+    with pytest.raises(ValueError, match="n_steps"):
+        scellst.tl.train_segmenter([img], [mask], **{**kw, "n_steps": 0})
+    # 10 steps: too short for the one-cycle schedule, which used to divide by zero there
+    assert len(scellst.tl.train_segmenter([img], [mask], **{**kw, "n_steps": 10}).history["loss"]) == 10
+
+
+def test_devices(small_model, small_training_set, monkeypatch):
+    """'auto' falls back to the CPU; a GPU that torch cannot see is a clear error, before any training."""
+    import torch
+
+    from scellst._device import resolve_device
+
+    img, mask, _, _ = small_training_set
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == torch.device("cpu")
+    assert resolve_device("cpu") == torch.device("cpu")
+    for bad, match in [("cuda", "no CUDA GPU"), ("cuda:0", "no CUDA GPU"), ("tpu", "device"), ("gpu!", "device")]:
+        with pytest.raises(ValueError, match=match):
+            resolve_device(bad)
+    with pytest.raises(ValueError, match="no CUDA GPU"):
+        scellst.tl.train_segmenter([img], [mask], microns_per_pixel=0.5, device="cuda", n_steps=1)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ValueError, match="1 CUDA device"):
+        resolve_device("cuda:1")
+
+    _, model = small_model
+    rgb = img[:96, :96]
+    before = model.predict_maps(rgb)
+    assert model.to("cpu") is model and model.device == "cpu"
+    np.testing.assert_allclose(model.predict_maps(rgb), before, atol=1e-6)

@@ -32,11 +32,12 @@ class UNetConfig:
 PRECISIONS = ("auto", "bf16", "fp32")
 
 
-def use_bf16(precision: str) -> bool:
-    """Whether to run the network in bfloat16 on the CPU.
+def use_bf16(precision: str, device_type: str = "cpu") -> bool:
+    """Whether to run the network in bfloat16 (autocast) on a device of type ``device_type``.
 
-    ``"auto"`` picks bfloat16 when the CPU has native support (AVX512-BF16 or AMX), where it is 2-3x faster than
-    float32 for these convolutions; elsewhere bfloat16 is emulated and slow, so float32 is kept.
+    On the CPU, ``"auto"`` picks bfloat16 when the CPU has native support (AVX512-BF16 or AMX), where it is 2-3x
+    faster than float32 for these convolutions; elsewhere bfloat16 is emulated and slow, so float32 is kept. On a
+    CUDA GPU, ``"auto"`` picks bfloat16 where the GPU supports it (Ampere and newer).
     """
     if precision not in PRECISIONS:
         raise ValueError(f"`precision` must be one of {PRECISIONS}, got {precision!r}.")
@@ -44,6 +45,10 @@ def use_bf16(precision: str) -> bool:
         return precision == "bf16"
     import torch
 
+    if device_type == "cuda":
+        return bool(torch.cuda.is_bf16_supported())
+    if device_type != "cpu":
+        return False
     try:
         return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
     except AttributeError:  # older torch without these probes
@@ -129,10 +134,28 @@ class NucleusUNet:
 
     def __post_init__(self) -> None:
         self._net = None
+        self._device = None  # None: the CPU
+
+    @property
+    def device(self) -> str:
+        """Where the network runs (``"cpu"`` unless moved with :meth:`to`)."""
+        return "cpu" if self._device is None else str(self._device)
+
+    def to(self, device: str = "auto") -> NucleusUNet:
+        """Run the network on ``device`` (``"auto"``: CUDA when available, else the CPU) from now on; returns the model.
+
+        The weights kept in ``state_dict`` (and saved by :meth:`save`) stay on the CPU.
+        """
+        from .._device import resolve_device
+
+        self._device = resolve_device(device)
+        if self._net is not None:
+            self._net = self._net.to(self._device)
+        return self
 
     @property
     def network(self):
-        """The torch module in eval mode (built lazily)."""
+        """The torch module in eval mode (built lazily, on :attr:`device`)."""
         if self._net is None:
             import torch
 
@@ -140,7 +163,7 @@ class NucleusUNet:
             net.load_state_dict(self.state_dict)
             net.eval()
             net = net.to(memory_format=torch.channels_last)
-            self._net = net
+            self._net = net if self._device is None else net.to(self._device)
         return self._net
 
     def predict_maps(self, rgb: np.ndarray, *, tta: bool | None = None) -> np.ndarray:
@@ -155,19 +178,22 @@ class NucleusUNet:
         m = 2**self.config.depth
         ph, pw = (-h) % m, (-w) % m
         x = torch.from_numpy(np.pad(normalise_rgb(rgb), ((0, 0), (0, ph), (0, pw)), mode="reflect"))[None]
-        x = x.contiguous(memory_format=torch.channels_last)
+        net = self.network
+        dev = next(net.parameters()).device
+        x = x.to(dev).contiguous(memory_format=torch.channels_last)
         flips = [(), (-1,), (-2,), (-2, -1)] if tta else [()]
         outs = []
         hv0 = offsets_channel(self.config)
-        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16(self.config.precision)):
+        bf16 = use_bf16(self.config.precision, dev.type)
+        with torch.no_grad(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
             for f in flips:
-                y = self.network(torch.flip(x, f) if f else x).float()
+                y = net(torch.flip(x, f) if f else x).float()
                 y = torch.flip(y, f) if f else y
                 if self.config.hv:  # a flip reverses the offsets along its axis
                     for axis in f:
                         y[:, hv0 + (0 if axis == -1 else 1)] *= -1
                 outs.append(y)
-        return torch.stack(outs).mean(0)[0].numpy()[:, :h, :w]
+        return torch.stack(outs).mean(0)[0].cpu().numpy()[:, :h, :w]
 
     def segment(
         self, rgb: np.ndarray, *, min_area_um2: float | None = None

@@ -170,6 +170,8 @@ def train_segmenter(
     calibrate: bool = True,
     tta: bool = False,
     precision: str = "auto",
+    device: str = "auto",
+    num_workers: int = 0,
     seed: int = 0,
     show_progress_bar: bool = True,
 ):
@@ -234,7 +236,17 @@ def train_segmenter(
     precision
         Arithmetic of the network for training and for the saved model: ``"bf16"`` (bfloat16 autocast, 2-3x faster
         on CPUs with native bfloat16 such as recent Xeons), ``"fp32"``, or ``"auto"`` (bfloat16 where the CPU
-        supports it natively); can be changed later through ``model.config.precision``.
+        supports it natively; on a CUDA GPU, where the GPU supports it); can be changed later through
+        ``model.config.precision``.
+    device
+        Where the network trains: ``"auto"`` (a CUDA GPU when torch sees one, else the CPU), ``"cpu"``, ``"cuda"``,
+        ``"cuda:N"`` or ``"mps"``. The returned model runs there too (:meth:`~scellst.models.NucleusUNet.to` moves
+        it); the saved file does not depend on it.
+    num_workers
+        Processes that draw and augment the training crops beside the training loop. ``0`` draws them in this
+        process, which suits the CPU; on a GPU the crops are the bottleneck, so give it a few (e.g. 4-8). With
+        workers, crop ``i`` of the run comes from a random stream seeded by ``(seed, i)``, so the result does not
+        depend on their number (but differs from ``num_workers=0``).
     seed
         Random seed.
     show_progress_bar
@@ -245,9 +257,9 @@ def train_segmenter(
     The trained :class:`scellst.models.NucleusUNet` (also saved to ``out`` when given).
     """
     import torch
-    from scipy import ndimage as ndi
     from tqdm.auto import tqdm
 
+    from .._device import resolve_device
     from ..models._unet import NucleusUNet, UNetConfig, build_unet, normalise_rgb, offsets_channel, use_bf16
 
     if len(images) != len(masks) or not images:
@@ -283,7 +295,12 @@ def train_segmenter(
         raise ValueError(f"`blur` is a probability in [0, 1], got {blur}.")
     if image_weights is not None:
         _crop_probabilities(np.ones(len(images)), image_weights)  # validates before any work
-    bf16 = use_bf16(precision)  # validates `precision` before any work
+    dev = resolve_device(device)
+    bf16 = use_bf16(precision, dev.type)  # validates `precision` before any work
+    if int(n_steps) != n_steps or n_steps < 1:
+        raise ValueError(f"`n_steps` must be a positive whole number of optimisation steps, got {n_steps}.")
+    if num_workers < 0:
+        raise ValueError(f"`num_workers` is a number of processes (0: draw crops in this one), got {num_workers}.")
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
     data, held = [], []
@@ -337,20 +354,87 @@ def train_segmenter(
     net = build_unet(config)
     if init is not None:
         net.load_state_dict(init.state_dict)
-    net = net.to(memory_format=torch.channels_last)
+    net = net.to(dev, memory_format=torch.channels_last)
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=n_steps, pct_start=0.1)
+    if n_steps >= 20:
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=n_steps, pct_start=0.1)
+    else:  # too short for a warm-up and a decay (OneCycleLR divides by zero at 10 steps): a constant rate
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
     bce = torch.nn.BCEWithLogitsLoss()
     ce = torch.nn.CrossEntropyLoss(ignore_index=-1)
 
-    crop_p = _crop_probabilities(np.array([e.fg.size for e in data], dtype=float), image_weights)
+    sampler = _CropSampler(
+        data,
+        _crop_probabilities(np.array([e.fg.size for e in data], dtype=float), image_weights),
+        crop_size=crop_size,
+        zoom=zoom,
+        blur=blur,
+    )
+    history: dict[str, list[float]] = {"loss": []}
+    net.train()
+    bar = tqdm(
+        _batches(sampler, rng, batch_size, n_steps, num_workers, seed, dev),
+        total=n_steps,
+        desc="train_segmenter",
+        disable=not show_progress_bar,
+    )
+    for batch in bar:
+        x = batch["od"].to(dev, non_blocking=True).contiguous(memory_format=torch.channels_last)
+        f = batch["fg"].to(dev, non_blocking=True)
+        d = batch["dist"].to(dev, non_blocking=True)
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
+            out_t = net(x)
+        out_t = out_t.float()  # losses in float32
+        prob = torch.sigmoid(out_t[:, 0])
+        dice = 1 - (2 * (prob * f).sum() + 1) / (prob.sum() + f.sum() + 1)
+        loss = bce(out_t[:, 0], f) + dice + bce(out_t[:, 1], d)
+        if train_classes:
+            loss = loss + ce(out_t[:, 2 : 2 + n_classes], batch["cls"].to(dev, non_blocking=True))
+        if hv:
+            o = batch["offsets"].to(dev, non_blocking=True)
+            loss = loss + _offset_loss(out_t[:, offsets_channel(config) :], o, f)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        history["loss"].append(float(loss.item()))
+        bar.set_postfix(loss=f"{np.mean(history['loss'][-20:]):.3f}")
+    bar.close()
+    state = {k: v.detach().cpu().contiguous().clone() for k, v in net.state_dict().items()}
+    model = NucleusUNet(config=config, state_dict=state, history=history)
+    if dev.type != "cpu":
+        model.to(str(dev))  # calibration (and the caller's use) on the same device
+    if calibrate:
+        _calibrate_thresholds(model, held)
+    if out is not None:
+        model.save(out)
+        logger.info(f"Saved the segmentation model to {out}")
+    return model
 
-    def sample():
-        x, f, d, c, o = data[rng.choice(len(data), p=crop_p)]
+
+class _CropSampler:
+    """Draws augmented training crops (random position, zoom, blur, rotation, flip, stain jitter) from examples."""
+
+    def __init__(
+        self,
+        data: list[_Example],
+        p: np.ndarray,
+        *,
+        crop_size: int,
+        zoom: tuple[float, float] | None,
+        blur: float,
+    ) -> None:
+        self.data, self.p, self.crop_size, self.zoom, self.blur = data, p, crop_size, zoom, blur
+
+    def crop(self, rng: np.random.Generator) -> _Example:
+        from scipy import ndimage as ndi
+
+        x, f, d, c, o = self.data[rng.choice(len(self.data), p=self.p)]
         h, w = f.shape
+        crop_size = self.crop_size
         side = crop_size
-        if zoom is not None:  # a crop of another size, resized to crop_size: nuclei look bigger or smaller
-            side = min(int(round(crop_size * np.exp(rng.uniform(*np.log(zoom))))), h, w)
+        if self.zoom is not None:  # a crop of another size, resized to crop_size: nuclei look bigger or smaller
+            side = min(int(round(crop_size * np.exp(rng.uniform(*np.log(self.zoom))))), h, w)
         y0, x0 = rng.integers(0, h - side + 1), rng.integers(0, w - side + 1)
         sl = (slice(y0, y0 + side), slice(x0, x0 + side))
         x, f, d = x[:, sl[0], sl[1]], f[sl], d[sl]
@@ -361,7 +445,7 @@ def train_segmenter(
             x, o = (None if a is None else ndi.zoom(a, (1, z, z), order=1) for a in (x, o))
             f, c = (None if a is None else ndi.zoom(a, z, order=0) for a in (f, c))
             d = ndi.zoom(d, z, order=1)
-        if blur and rng.random() < blur:  # out-of-focus regions, frozen sections
+        if self.blur and rng.random() < self.blur:  # out-of-focus regions, frozen sections
             x = ndi.gaussian_filter(x, (0, *[rng.uniform(0.5, 1.5)] * 2))
         k = int(rng.integers(4))
         flip = bool(rng.integers(2))
@@ -379,41 +463,41 @@ def train_segmenter(
             None if o is None else np.ascontiguousarray(_augment_offsets(o, k, flip)),
         )
 
-    history: dict[str, list[float]] = {"loss": []}
-    net.train()
-    bar = tqdm(range(n_steps), desc="train_segmenter", disable=not show_progress_bar)
-    for _ in bar:
-        batch = [sample() for _ in range(batch_size)]
-        x = torch.from_numpy(np.stack([b.od for b in batch])).contiguous(memory_format=torch.channels_last)
-        f = torch.from_numpy(np.stack([b.fg for b in batch]))
-        d = torch.from_numpy(np.stack([b.dist for b in batch]))
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            out_t = net(x)
-        out_t = out_t.float()  # losses in float32
-        prob = torch.sigmoid(out_t[:, 0])
-        dice = 1 - (2 * (prob * f).sum() + 1) / (prob.sum() + f.sum() + 1)
-        loss = bce(out_t[:, 0], f) + dice + bce(out_t[:, 1], d)
-        if train_classes:
-            c = torch.from_numpy(np.stack([b.cls for b in batch]))
-            loss = loss + ce(out_t[:, 2 : 2 + n_classes], c)
-        if hv:
-            o = torch.from_numpy(np.stack([b.offsets for b in batch]))
-            loss = loss + _offset_loss(out_t[:, offsets_channel(config) :], o, f)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sched.step()
-        history["loss"].append(float(loss.item()))
-        bar.set_postfix(loss=f"{np.mean(history['loss'][-20:]):.3f}")
-    bar.close()
-    state = {k: v.detach().contiguous().clone() for k, v in net.state_dict().items()}
-    model = NucleusUNet(config=config, state_dict=state, history=history)
-    if calibrate:
-        _calibrate_thresholds(model, held)
-    if out is not None:
-        model.save(out)
-        logger.info(f"Saved the segmentation model to {out}")
-    return model
+    def batch(self, rng: np.random.Generator, size: int) -> dict[str, np.ndarray]:
+        """``size`` crops, stacked per field (fields that the examples lack are left out)."""
+        crops = [self.crop(rng) for _ in range(size)]
+        return {k: np.stack(v) for k, *v in zip(_Example._fields, *crops, strict=True) if v[0] is not None}
+
+
+class _SeededBatches:
+    """Batch ``i`` drawn with a random stream seeded by ``(seed, i)``: the same whichever process draws it."""
+
+    def __init__(self, sampler: _CropSampler, size: int, n: int, seed: int) -> None:
+        self.sampler, self.size, self.n, self.seed = sampler, size, n, seed
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> dict[str, np.ndarray]:
+        return self.sampler.batch(np.random.default_rng([self.seed, i]), self.size)
+
+
+def _batches(sampler: _CropSampler, rng: np.random.Generator, size: int, n: int, num_workers: int, seed: int, dev):
+    """``n`` training batches as dicts of tensors, drawn here (``num_workers=0``) or by worker processes."""
+    import torch
+
+    if num_workers == 0:
+        for _ in range(n):
+            yield {k: torch.from_numpy(v) for k, v in sampler.batch(rng, size).items()}
+        return
+    loader = torch.utils.data.DataLoader(
+        _SeededBatches(sampler, size, n, seed),
+        batch_size=None,  # each item is a whole batch
+        num_workers=num_workers,
+        pin_memory=dev.type == "cuda",
+        prefetch_factor=4,
+    )
+    yield from loader
 
 
 def _as_unet(model: Any):

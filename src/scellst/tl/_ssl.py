@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .._constants import Key
+from .._device import resolve_device
 from .._logging import logger
 from ._crops import CellCrops, StainNormalizer, StainNormMode, cell_crops
 
@@ -18,14 +19,6 @@ if TYPE_CHECKING:
     from spatialdata import SpatialData
 
     from ..models._encoders import CellEncoder
-
-
-def _device(device: str):
-    import torch
-
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def train_ssl(
@@ -128,7 +121,7 @@ def train_ssl(
             f"A checkpoint {str(ckpt)!r} exists from an earlier run. Pass `resume=True` to continue it, or delete it "
             "to start again."
         )
-    dev = _device(device)
+    dev = resolve_device(device)
     context = 1.5
     crops = [
         cell_crops(s, shapes_key, image_key=image_key, crop_um=crop_um, crop_px=crop_px, context=context)
@@ -345,7 +338,7 @@ def encode_crops(
     """Features ``(n_cells, d)`` of every crop, tile by tile, with the slide's own stain normaliser."""
     import torch
 
-    dev = _device(device)
+    dev = resolve_device(device)
     norm = StainNormalizer.fit(crops.sample(5000), encoder.config.stain_norm)
     module = encoder.module.to(dev)
     encoder.module = module
