@@ -3,6 +3,7 @@
 Usage (from the repository root, with ../shared/data present):
 
     python benchmarks/segmentation.py [--steps 4000] [--unet-mpp 0.25] [--base-channels 32] [--extra consep,gbm40]
+                                      [--depth 3] [--crop-size 128] [--batch-size 8] [--device auto] [--num-workers 0]
                                       [--monuseg-weight 1] [--hv] [--zoom LOW HIGH] [--blur P] [--n-folds 2]
                                       [--folds 0,1] [--seed 0] [--large 20000] [--self-train] [--self-rounds 3]
                                       [--fine-tune STEPS] [--fine-tune-tiles 1,3]
@@ -423,6 +424,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4000)
     parser.add_argument("--unet-mpp", type=float, default=0.25, help="working resolution of the U-Nets (um/px)")
     parser.add_argument("--base-channels", type=int, default=32, help="width of the U-Nets' first level")
+    parser.add_argument("--depth", type=int, default=3, help="down-sampling levels of the U-Nets")
+    parser.add_argument("--crop-size", type=int, default=128, help="train_segmenter(crop_size=...)")
+    parser.add_argument("--batch-size", type=int, default=8, help="train_segmenter(batch_size=...)")
+    parser.add_argument("--device", default="auto", help="train_segmenter(device=...): auto, cpu, cuda")
+    parser.add_argument("--num-workers", type=int, default=0, help="train_segmenter(num_workers=...)")
     parser.add_argument(
         "--extra",
         default="consep,gbm40",
@@ -480,6 +486,11 @@ def main() -> None:
         "n_steps": args.steps,
         "working_mpp": args.unet_mpp,
         "base_channels": args.base_channels,
+        "depth": args.depth,
+        "crop_size": args.crop_size,
+        "batch_size": args.batch_size,
+        "device": args.device,
+        "num_workers": args.num_workers,
         "hv": args.hv,
         "zoom": args.zoom,
         "blur": args.blur,
