@@ -160,6 +160,33 @@ def test_wrong_resolution_is_flagged(tissue, caplog):
     assert "0.25 um/px" in caplog.text
 
 
+def test_too_coarse_resolution_is_flagged(tissue, caplog):
+    """A resolution declared 2x too coarse is flagged by the nuclei's blob scale, before segmenting.
+
+    The median area cannot tell (the segmenter splits the large-looking nuclei into pieces of normal size); the
+    Laplacian-of-Gaussian scale of the haematoxylin does not depend on the segmentation.
+    """
+    import xarray as xr
+
+    from scellst.pp._segment import NUCLEUS_SCALE_MAX_UM, nucleus_scale_um
+
+    rgb = np.moveaxis(np.asarray(tissue.images["he"]["scale0"].image[:, :600, :600]), 0, -1)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="scellst"):
+        scellst.pp.segment_nuclei(scellst.io.from_image(rgb, microns_per_pixel=1.0), show_progress_bar=False)
+    assert "look large for its stated resolution" in caplog.text
+    assert "1.0 um/px" in caplog.text
+    assert "set_microns_per_pixel" in caplog.text
+    # a real MoNuSeg tile (0.25 um/px): under the limit as stated, over it when declared twice too coarse
+    tile = scellst.datasets.annotated_tiles("monuseg")[6]
+    arr = xr.DataArray(np.moveaxis(tile["image"], -1, 0), dims=("c", "y", "x"))
+    mpp = tile["microns_per_pixel"]
+    assert 1.2 < nucleus_scale_um(arr, microns_per_pixel=mpp) < NUCLEUS_SCALE_MAX_UM
+    assert nucleus_scale_um(arr, microns_per_pixel=2 * mpp) > NUCLEUS_SCALE_MAX_UM
+    blank = xr.DataArray(np.full((3, 200, 200), 250, dtype=np.uint8), dims=("c", "y", "x"))
+    assert nucleus_scale_um(blank, microns_per_pixel=0.5) is None  # no tissue: nothing to tell
+
+
 def test_size_check_ignores_cut_nuclei_and_small_samples(caplog):
     """Small nuclei (10 um2) are flagged only when at least 20 of them lie off the image border."""
     import geopandas as gpd
@@ -594,5 +621,6 @@ def test_devices(small_model, small_training_set, monkeypatch):
     _, model = small_model
     rgb = img[:96, :96]
     before = model.predict_maps(rgb)
-    assert model.to("cpu") is model and model.device == "cpu"
+    assert model.to("cpu") is model
+    assert model.device == "cpu"
     np.testing.assert_allclose(model.predict_maps(rgb), before, atol=1e-6)

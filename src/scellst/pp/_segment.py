@@ -122,6 +122,72 @@ def estimate_threshold(
     return float(threshold_otsu(values))
 
 
+# Blob scale (sigma of the strongest Laplacian-of-Gaussian response) of H&E nuclei at the stated resolution:
+# 1.0-2.2 um over 13 MoNuSeg tiles, 14 CoNSeP images, GBM40 and 4 HER2ST sections; 2.9-4.2 um for most of them when
+# the stated microns per pixel are twice too coarse (benchmarks/segmentation.py prints these readings).
+NUCLEUS_SCALE_MAX_UM = 3.0
+_SCALE_SIGMAS_UM = 2.0 ** np.arange(0, 3.01, 0.25)  # 1 to 8 um, a quarter octave apart
+
+
+def nucleus_scale_um(arr, *, microns_per_pixel: float, n_patches: int = 8, seed: int = 0) -> float | None:
+    """The blob scale of the nuclei in a lazy ``(c, y, x)`` RGB image, in microns at the stated resolution.
+
+    On ``n_patches`` tissue patches of 128 um (:func:`tissue_boxes`, seen at 0.5 um/px or coarser), the
+    haematoxylin channel is filtered by scale-normalised Laplacians of Gaussians of sigma 1-8 um; the scale whose
+    strongest responses (top 1 % of the tissue pixels, mean over patches) are highest is the blob scale (about the
+    nucleus radius / 1.4). It does not depend on any segmentation, so it shows a wrong microns per pixel that makes
+    the segmenter split nuclei into pieces of normal size. ``None`` when there is too little tissue to tell.
+    """
+    from scipy import ndimage as ndi
+
+    from ..tl._segmenter import resample_rgb
+
+    try:
+        boxes = tissue_boxes(arr, microns_per_pixel=microns_per_pixel, n_patches=n_patches, seed=seed)
+    except ValueError:  # no tissue: segment_nuclei says so itself
+        return None
+    factor = max(1.0, 0.5 / microns_per_pixel)
+    mpp = microns_per_pixel * factor
+    sigmas_px = _SCALE_SIGMAS_UM / mpp
+    usable = sigmas_px >= 1.0  # finer blobs than a pixel are noise
+    curves = []
+    for box in boxes:
+        rgb = resample_rgb(image_rgb_tile(arr, *box), factor)
+        tissue = rgb.mean(axis=-1) < 215
+        if tissue.sum() < 1000:
+            continue
+        hema = _hematoxylin(rgb)
+        curve = np.full(len(sigmas_px), np.nan)
+        for i in np.flatnonzero(usable):
+            values = (-ndi.gaussian_laplace(hema, sigmas_px[i]) * sigmas_px[i] ** 2)[tissue]
+            k = max(values.size // 100, 1)
+            curve[i] = np.partition(values, values.size - k)[-k:].mean()
+        curves.append(curve)
+    if not curves or not usable.any():
+        return None
+    curve = np.mean(curves, axis=0)
+    i = int(np.nanargmax(curve))
+    log_sigma = np.log2(_SCALE_SIGMAS_UM[i])
+    if 0 < i < len(curve) - 1 and np.isfinite(curve[i - 1]) and np.isfinite(curve[i + 1]):
+        a, b, c = curve[i - 1], curve[i], curve[i + 1]
+        if a - 2 * b + c < 0:  # parabola through the peak, in log scale
+            log_sigma += 0.25 * 0.5 * (a - c) / (a - 2 * b + c)
+    return float(2**log_sigma)
+
+
+def _check_nucleus_scale(arr, *, microns_per_pixel: float, what: str) -> float | None:
+    """Warn when the nuclei look too large for the stated resolution (microns per pixel too coarse)."""
+    scale = nucleus_scale_um(arr, microns_per_pixel=microns_per_pixel)
+    if scale is not None and scale >= NUCLEUS_SCALE_MAX_UM:
+        logger.warning(
+            f"The nuclei of {what} look large for its stated resolution: their blob scale reads {scale:.1f} um, "
+            f"where H&E nuclei read 1-2.2 um. The microns per pixel may be too coarse (about {scale / 1.7:.1f}x; "
+            "e.g. a downsampled image given the full-resolution pixel size), which splits every nucleus into "
+            "pieces: check them, and set the right value with `scellst.io.set_microns_per_pixel`."
+        )
+    return scale
+
+
 def _remove_small(func, mask: np.ndarray, size: int) -> np.ndarray:
     """Call skimage's small-object/hole removal across the ``min_size`` -> ``max_size`` API change."""
     try:
@@ -423,7 +489,9 @@ def segment_nuclei(
     Tiles are read from the pyramid level closest to ``working_mpp`` (then resampled to it), overlap by
     ``margin_um``, and run in parallel with dask (threads, or the active ``dask.distributed`` client); only a few
     tiles are in memory at a time. A nucleus belongs to the tile that holds its centroid, so nuclei cut by tile
-    borders are kept exactly once.
+    borders are kept exactly once. Two checks of the image's microns per pixel warn when they look wrong: the blob
+    scale of the nuclei on a few tissue patches before segmenting (too coarse), and the
+    median nucleus area after (too fine).
 
     Methods
     -------
@@ -497,6 +565,9 @@ def segment_nuclei(
             f"{mpp:.2f} um/px is too coarse to delineate nuclei (about 5-10 um across); expect poor segmentation. "
             "Use a higher-resolution image, or check the microns per pixel."
         )
+    # read at the level closest to 0.5 um/px from below (the check works at 0.5 um/px or coarser)
+    scale_arr, scale_f = max(((a, f) for a, f in levels if mpp * f <= 0.505), key=lambda t: t[1], default=levels[0])
+    _check_nucleus_scale(scale_arr, microns_per_pixel=mpp * scale_f, what=f"{image_key!r} ({mpp} um/px)")
     params = ClassicalParams(min_area_um2, max_area_um2, min_distance_um)
     segmenter = _make_segmenter(
         method, weights=weights, params=params, threshold=threshold, working_mpp=working_mpp, arr0=arr0, mpp=mpp
