@@ -175,7 +175,7 @@ def nucleus_scale_um(arr, *, microns_per_pixel: float, n_patches: int = 8, seed:
     return float(2**log_sigma)
 
 
-def _check_nucleus_scale(arr, *, microns_per_pixel: float, what: str) -> float | None:
+def _check_nucleus_scale(arr, *, microns_per_pixel: float, what: str) -> None:
     """Warn when the nuclei look too large for the stated resolution (microns per pixel too coarse)."""
     scale = nucleus_scale_um(arr, microns_per_pixel=microns_per_pixel)
     if scale is not None and scale >= NUCLEUS_SCALE_MAX_UM:
@@ -185,7 +185,6 @@ def _check_nucleus_scale(arr, *, microns_per_pixel: float, what: str) -> float |
             "e.g. a downsampled image given the full-resolution pixel size), which splits every nucleus into "
             "pieces: check them, and set the right value with `scellst.io.set_microns_per_pixel`."
         )
-    return scale
 
 
 def _remove_small(func, mask: np.ndarray, size: int) -> np.ndarray:
