@@ -36,6 +36,8 @@ import time
 import types
 from pathlib import Path
 
+from segmentation import monuseg_folds  # no scellst import at module level: fine without SpatialData
+
 T0 = time.time()
 SRC = Path(__file__).resolve().parents[1] / "src" / "scellst"
 METRICS = ("precision", "recall", "f1", "dice", "aji", "pq")
@@ -77,7 +79,7 @@ def run_fold(args, fold: int) -> dict:
     tiles = datasets.annotated_tiles("monuseg", path=data / "monuseg")
     imgs, masks = [t["image"] for t in tiles], [t["instances"] for t in tiles]
     mpps = [t["microns_per_pixel"] for t in tiles]
-    test = [i for i in range(len(tiles)) if i % args.n_folds == (fold + 1) % args.n_folds]
+    test = monuseg_folds(len(tiles), args.n_folds)[fold]  # the same folds as benchmarks/segmentation.py
     train = [i for i in range(len(tiles)) if i not in test]
     consep = datasets.consep_patches(path=data / "consep")
     gbm40 = datasets.annotated_tiles("gbm40", path=data / "gbm40")
