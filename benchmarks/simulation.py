@@ -43,7 +43,9 @@ def cell_table(embedding: str):
             Path(str(enc) + ".ckpt").unlink()
         scellst.tl.embed_cells(sdata, method="ssl", encoder=enc, show_progress_bar=False)
     else:
-        scellst.tl.embed_cells(sdata, show_progress_bar=False)
+        # the cells' own features: the simulated spots group cells from a mosaic of patches with no tissue layout,
+        # so neighbourhood features would describe the mosaic, not the simulated spot
+        scellst.tl.embed_cells(sdata, context_um=None, show_progress_bar=False)
     table = sdata.tables["nuclei_embeddings"]
     nuclei = sdata.shapes["nuclei"]
     for col in ("class", "source_image", "patch"):

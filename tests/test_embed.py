@@ -8,6 +8,7 @@ from scipy.spatial import cKDTree
 import scellst
 from scellst._utils import shapes_centroids
 from scellst.tl._embed import MORPHOLOGY_FEATURES
+from scellst.tl._neighbourhood import DEFAULT_CONTEXT_UM, context_feature_names
 
 from .conftest import fresh_copy
 
@@ -15,7 +16,9 @@ from .conftest import fresh_copy
 def test_embedding_table_layout(processed):
     emb = processed.tables["nuclei_embeddings"]
     nuclei = processed.shapes["nuclei"]
-    assert list(emb.var_names) == list(MORPHOLOGY_FEATURES)
+    own = list(MORPHOLOGY_FEATURES)
+    assert list(emb.var_names) == own + context_feature_names(own, DEFAULT_CONTEXT_UM)
+    assert emb.uns["scellst"]["context_um"] == list(DEFAULT_CONTEXT_UM)
     assert emb.n_obs == len(nuclei)
     assert emb.uns["spatialdata_attrs"]["region"] == "nuclei"
     np.testing.assert_array_equal(emb.obs["cell_id"].to_numpy(), nuclei.index.to_numpy())
@@ -77,3 +80,54 @@ def test_nucleus_surrounded_by_nuclei_gets_imputed_ring_features(caplog):
     centre = np.flatnonzero(table.obs["cell_id"].astype(int).to_numpy() == 5)[0]  # the middle square
     area = np.asarray(table[:, "area_um2"].X).ravel()
     assert area[centre] == pytest.approx(100.0, rel=0.15)  # its own features are measured, not imputed
+
+
+def test_neighbourhood_features_known_answers():
+    """Density of a uniform layout, means of a constant and of a two-region layout, at two radii."""
+    from scellst.tl import neighbourhood_features
+
+    rng = np.random.default_rng(0)
+    xy = rng.uniform(0, 2000, (8000, 2))  # 20 cells per 100 x 100 um
+    left = (xy[:, 0] < 1000).astype(float)
+    values = np.column_stack([np.full(len(xy), 3.0), left])
+    out = neighbourhood_features(xy, values, (50, 200))
+    assert out.shape == (8000, 6)
+    assert out.dtype == np.float32
+    inner = ((xy > 400) & (xy < 1600)).all(axis=1)
+    for k in (0, 3):  # density, the cell itself excluded
+        assert np.median(np.expm1(out[inner, k])) == pytest.approx(20.0, rel=0.05)
+        np.testing.assert_allclose(out[:, k + 1], 3.0, rtol=1e-4)  # a constant stays constant, edges included
+    # a cell far inside the left half sees only left cells; at the border, about half; wider radius -> smoother
+    far_left, border = xy[:, 0] < 700, np.abs(xy[:, 0] - 1000) < 10
+    assert out[far_left & inner, 2].min() > 0.99
+    assert 0.35 < out[border, 2].mean() < 0.65
+    near = (np.abs(xy[:, 0] - 900) < 20) & inner
+    assert out[near, 5].mean() < out[near, 2].mean()  # 100 um from the border: the 200 um scale sees across it
+    with pytest.raises(ValueError, match="positive"):
+        neighbourhood_features(xy, values, (0,))
+    with pytest.raises(ValueError, match="differ"):
+        neighbourhood_features(xy, values, (50, 50))
+    with pytest.raises(ValueError, match="finite"):
+        neighbourhood_features(np.where(xy > 1999, np.nan, xy), values, (50,))
+    assert neighbourhood_features(xy[:0], values[:0], (50,)).shape == (0, 3)
+
+
+def test_embed_context_options(processed):
+    """``context_um`` picks the radii; ``None`` keeps the cell's own features; the context is read from all cells."""
+    sdata = fresh_copy(processed)
+    scellst.tl.embed_cells(sdata, key_added="own", context_um=None, show_progress_bar=False)
+    scellst.tl.embed_cells(sdata, key_added="ctx", context_um=[30], show_progress_bar=False)
+    own, ctx = sdata.tables["own"], sdata.tables["ctx"]
+    assert list(own.var_names) == list(MORPHOLOGY_FEATURES)
+    assert list(ctx.var_names[: own.n_vars]) == list(own.var_names)
+    assert ctx.var_names[own.n_vars] == "density_nb30um"
+    assert "area_um2_nb30um" in ctx.var_names
+    np.testing.assert_allclose(ctx.X[:, : own.n_vars], own.X)
+    default = processed.tables["nuclei_embeddings"]
+    np.testing.assert_allclose(default.X[:, : own.n_vars], own.X)
+    # a cell's neighbourhood area is the local mean of its neighbours' areas: smoother than the cells' own areas
+    area, nb = np.asarray(ctx[:, "area_um2"].X).ravel(), np.asarray(ctx[:, "area_um2_nb30um"].X).ravel()
+    assert nb.std() < area.std()
+    assert abs(nb.mean() - area.mean()) < 0.2 * area.std()
+    with pytest.raises(ValueError, match="context_um"):
+        scellst.tl.embed_cells(sdata, key_added="bad", context_um="wide")

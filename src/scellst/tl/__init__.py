@@ -5,6 +5,7 @@ from ._crops import CellCrops, StainNormalizer, cell_crops
 from ._embed import embed_cells
 from ._evaluate import cross_validate, evaluate
 from ._metrics import metrics_per_gene
+from ._neighbourhood import neighbourhood_features
 from ._segmentation_metrics import evaluate_segmentation
 from ._segmentation_tiles import registration_shifts, segmentation_tiles
 from ._segmenter import train_segmenter
@@ -30,6 +31,7 @@ __all__ = [
     "marker_genes",
     "match_cells",
     "metrics_per_gene",
+    "neighbourhood_features",
     "predict",
     "registration_shifts",
     "score_cell_types",

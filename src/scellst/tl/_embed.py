@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -11,6 +12,7 @@ import pandas as pd
 from .._constants import Col, Key
 from .._logging import logger
 from .._utils import (
+    affine_scale,
     check_writable,
     get_key,
     get_microns_per_pixel,
@@ -22,6 +24,7 @@ from .._utils import (
     to_rgb_uint8,
     write_element,
 )
+from ._neighbourhood import DEFAULT_CONTEXT_UM, check_radii, context_feature_names, neighbourhood_features
 
 if TYPE_CHECKING:
     from spatialdata import SpatialData
@@ -157,6 +160,7 @@ def embed_cells(
     image_key: str | None = None,
     key_added: str | None = None,
     ring_um: float = 3.0,
+    context_um: Sequence[float] | Literal["auto"] | None = "auto",
     tile_size: int = 2048,
     batch_size: int = 512,
     device: str = "auto",
@@ -169,7 +173,10 @@ def embed_cells(
     ``method="morphology"`` computes interpretable features, in microns where they have a unit: nuclear size and
     shape, haematoxylin/eosin and colour statistics inside the nucleus, chromatin texture (intensity spread and
     gradient), the same colours in a ring of ``ring_um`` around the nucleus (cytoplasm and stroma), and the local
-    nucleus density. Tiles are read one at a time from the lazy image and processed in parallel with dask.
+    nucleus density. Tiles are read one at a time from the lazy image and processed in parallel with dask. By default
+    each cell is also described by its neighbourhood (``context_um``): the local cell density and the
+    Gaussian-weighted mean of every feature over the cells around it, at 50, 100, 200 and 400 um. This context is what
+    lets a model trained on some sections predict unseen ones (see the generalisation benchmark in the docs).
 
     The other methods run a neural encoder on a crop centred on each nucleus (by default 12 um resampled to 48 px,
     as in the paper), read tile by tile and normalised with the slide's own statistics:
@@ -195,6 +202,11 @@ def embed_cells(
         Name of the table (default ``f"{shapes_key}_embeddings"``).
     ring_um
         Width of the ring around each nucleus, in microns.
+    context_um
+        Radii (microns) of the neighbourhood features added to each cell's own features (see
+        :func:`scellst.tl.neighbourhood_features`): per radius, ``density_nb{r}um`` and ``{feature}_nb{r}um`` for every
+        feature. ``"auto"``: ``(50, 100, 200, 400)`` for ``"morphology"``, none for the neural encoders (whose hundreds of
+        features would be multiplied); ``None`` or ``()``: the cell's own features only.
     tile_size
         Tile size in level-0 pixels (morphology).
     batch_size
@@ -210,7 +222,8 @@ def embed_cells(
 
     Returns
     -------
-    Nothing; adds ``sdata.tables[key_added]``: cells x features in ``X``, ``obs['cell_id']`` (instance key),
+    Nothing; adds ``sdata.tables[key_added]``: cells x features in ``X`` (own features, then neighbourhood
+    features), ``obs['cell_id']`` (instance key),
     ``obs['spot_id']`` when cells were assigned, ``obsm['spatial']`` (centroids in the shapes' frame) and the
     provenance in ``uns['scellst']``.
     """
@@ -226,6 +239,11 @@ def embed_cells(
     key_added = key_added or f"{shapes_key}{Key.EMBEDDINGS_SUFFIX}"
     check_writable(sdata, key_added, overwrite=overwrite)
     mpp = get_microns_per_pixel(sdata, image_key)
+    if isinstance(context_um, str) and context_um != "auto":
+        raise ValueError(f"`context_um` must be 'auto', None or a list of radii in microns, got {context_um!r}.")
+    radii = check_radii(
+        (DEFAULT_CONTEXT_UM if method == "morphology" else ()) if isinstance(context_um, str) else context_um
+    )
     if method != "morphology":
         _embed_with_encoder(
             sdata,
@@ -237,6 +255,7 @@ def embed_cells(
             batch_size=batch_size,
             device=device,
             seed=seed,
+            radii=radii,
             overwrite=overwrite,
             show_progress_bar=show_progress_bar,
         )
@@ -282,7 +301,7 @@ def embed_cells(
     feats = feats[~feats.index.duplicated()].reindex(ids)
 
     tree = cKDTree(centroids)
-    scale_um = mpp * float(np.sqrt(abs(np.linalg.det(to_image[:2, :2]))))
+    scale_um = mpp * affine_scale(to_image)
     counts = tree.query_ball_point(centroids, r=25.0 / scale_um, return_length=True)
     feats["neighbours_25um"] = np.asarray(counts, dtype=float) - 1
     if len(centroids) > 1:
@@ -304,21 +323,33 @@ def embed_cells(
     if no_ring or n_missing:
         feats = feats.fillna(feats.median()).fillna(0.0)
 
+    x, names = _with_context(feats.to_numpy(dtype=np.float32), list(MORPHOLOGY_FEATURES), centroids * scale_um, radii)
     _write_table(
         sdata,
         shapes_key,
-        feats.to_numpy(dtype=np.float32),
-        list(MORPHOLOGY_FEATURES),
+        x,
+        names,
         key_added=key_added,
         overwrite=overwrite,
         uns=provenance(
-            {"method": method, "ring_um": ring_um},
+            {"method": method, "ring_um": ring_um, "context_um": list(radii)},
             function="embed_cells",
             shapes_key=shapes_key,
             image_key=image_key,
             microns_per_pixel=mpp,
         ),
     )
+
+
+def _with_context(
+    x: np.ndarray, names: list[str], xy_um: np.ndarray, radii: tuple[float, ...]
+) -> tuple[np.ndarray, list[str]]:
+    """The cells' own features followed by their neighbourhood features at ``radii`` (none: unchanged)."""
+    if not radii:
+        return x, names
+    logger.info(f"Adding neighbourhood features of {len(x):,} cells at {', '.join(f'{r:g}' for r in radii)} um")
+    context = neighbourhood_features(xy_um, x, radii)
+    return np.concatenate([x, context], axis=1), names + context_feature_names(names, radii)
 
 
 def _write_table(sdata, shapes_key, x, var_names, *, key_added, overwrite, uns) -> None:
@@ -341,7 +372,19 @@ def _write_table(sdata, shapes_key, x, var_names, *, key_added, overwrite, uns) 
 
 
 def _embed_with_encoder(
-    sdata, shapes_key, image_key, *, method, encoder, key_added, batch_size, device, seed, overwrite, show_progress_bar
+    sdata,
+    shapes_key,
+    image_key,
+    *,
+    method,
+    encoder,
+    key_added,
+    batch_size,
+    device,
+    seed,
+    radii,
+    overwrite,
+    show_progress_bar,
 ) -> None:
     from ._crops import cell_crops
     from ._ssl import encode_crops, resolve_encoder
@@ -353,18 +396,33 @@ def _embed_with_encoder(
     feats, norm = encode_crops(enc, crops, batch_size=batch_size, device=device, show_progress_bar=show_progress_bar)
     prefix = "ssl" if method == "ssl" else method.replace("-", "_")
     uns = provenance(
-        {"method": method, "encoder": {k: v for k, v in asdict(cfg).items() if k != "extra"}, "stain": norm.to_dict()},
+        {
+            "method": method,
+            "encoder": {k: v for k, v in asdict(cfg).items() if k != "extra"},
+            "stain": norm.to_dict(),
+            "context_um": list(radii),
+        },
         function="embed_cells",
         shapes_key=shapes_key,
         image_key=image_key,
         microns_per_pixel=get_microns_per_pixel(sdata, image_key),
     )
     uns["encoder"]["extra"] = {k: str(v) for k, v in cfg.extra.items()}
+    nuclei = sdata.shapes[shapes_key]
+    scale_um = get_microns_per_pixel(sdata, image_key) * affine_scale(
+        intrinsic_to_intrinsic(sdata, shapes_key, image_key)
+    )
+    x, names = _with_context(
+        np.asarray(feats, dtype=np.float32),
+        [f"{prefix}_{i}" for i in range(feats.shape[1])],
+        shapes_centroids(nuclei) * scale_um,
+        radii,
+    )
     _write_table(
         sdata,
         shapes_key,
-        feats,
-        [f"{prefix}_{i}" for i in range(feats.shape[1])],
+        x,
+        names,
         key_added=key_added,
         overwrite=overwrite,
         uns=uns,
