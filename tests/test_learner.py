@@ -52,6 +52,9 @@ def test_mse_scaling_is_inverted(processed):
 
 def test_same_seed_same_model_and_ensembles(processed):
     a = scellst.tl.train(processed, seed=3, **FAST)
+    assert a.n_models == 5  # the default: an ensemble of five networks
+    assert a.params["n_models"] == 5
+    assert scellst.tl.train(processed, seed=3, n_models=1, **FAST).n_models == 1
     b = scellst.tl.train(processed, seed=3, **FAST)
     x = processed.tables["nuclei_embeddings"].X
     np.testing.assert_array_equal(a.predict_cells(x), b.predict_cells(x))

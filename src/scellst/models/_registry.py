@@ -59,7 +59,8 @@ register_model(
     ModelSpec(
         "scellst",
         _net("scellst"),
-        "sCellST: per-cell MLP, spot = mean of its cells (multiple-instance learning)",
+        "sCellST: per-cell MLP, spot = mean of its cells (multiple-instance learning); an ensemble of 5 by default",
+        defaults={"n_models": 5},
     )
 )
 register_model(

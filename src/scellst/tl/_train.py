@@ -688,7 +688,7 @@ def train(
         ``"mean"`` (mean and dispersion) or ``"total_count"`` (torch's total count and logits) for ``loss="nb"``.
     n_models
         Ensemble size: members use different seeds and validation blocks; predictions are their mean (median for
-        DeepSpot2Cell) and the per-cell spread is stored by :func:`predict`. ``None``: 3 for DeepSpot2Cell, else 1.
+        DeepSpot2Cell) and the per-cell spread is stored by :func:`predict`. ``None``: 5 for sCellST, 3 for DeepSpot2Cell, else 1.
     shapes_key, table_key, spots_key, spot_table_key
         Element names: nucleus shapes, embedding table (default ``f"{shapes_key}_embeddings"``), spot shapes and
         spot count table.
