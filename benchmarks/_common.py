@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import resource
+import shutil
 import time
 import warnings
 from pathlib import Path
@@ -23,13 +24,19 @@ def her2st_section(section: str, *, data: Path = DATA, cache: Path = CACHE, verb
     import spatialdata as sd
 
     import scellst
+    from scellst.tl._neighbourhood import DEFAULT_CONTEXT_UM
 
     store = cache / f"her2st_{section}.zarr"
     if store.exists():
         sdata = sd.read_zarr(store)
+        made = sdata.tables["nuclei_embeddings"].uns.get("scellst", {}) if "nuclei_embeddings" in sdata.tables else {}
+        if [float(r) for r in made.get("context_um", [])] == [float(r) for r in DEFAULT_CONTEXT_UM]:
+            if verbose:
+                print(f"{section}: cached ({len(sdata.shapes['nuclei']):,} nuclei)")
+            return sdata
         if verbose:
-            print(f"{section}: cached ({len(sdata.shapes['nuclei']):,} nuclei)")
-        return sdata
+            print(f"{section}: the cache holds an older default embedding; computing it again")
+        shutil.rmtree(store)
     times = {}
     t = time.perf_counter()
     sdata = scellst.datasets.her2st(section, path=data / "her2st")

@@ -74,6 +74,41 @@ def bag_mean(cell_out, bag_index, n_bags: int):
     return sums / counts[:, None]
 
 
+EMBEDDING_SCALINGS = ("quantile", "slide", "global")
+_QUANTILE_LEVELS = (np.arange(1000) + 0.5) / 1000
+
+
+def quantile_stats(features) -> np.ndarray:
+    """Per-feature quantiles of one slide's raw features (1,000 levels x features), for :func:`quantile_normal`.
+
+    A dask array is read 16 columns at a time, so a whole slide's features are never in memory at once.
+    """
+    if hasattr(features, "compute"):
+        cols = [np.asarray(features[:, j : j + 16], dtype=np.float64) for j in range(0, features.shape[1], 16)]
+        return np.concatenate([np.quantile(c, _QUANTILE_LEVELS, axis=0, method="nearest") for c in cols], axis=1)
+    return np.quantile(np.asarray(features, dtype=np.float64), _QUANTILE_LEVELS, axis=0, method="nearest")
+
+
+def quantile_normal(x: np.ndarray, quantiles: np.ndarray) -> np.ndarray:
+    """Each feature mapped through its slide's quantiles to a standard normal score (ties share their mean level).
+
+    A monotone change of a feature between slides (a stronger stain, another scanner's colour response) leaves the
+    scores unchanged, where a z-score only removes shifts and scalings.
+    """
+    from scipy.special import ndtri
+
+    x = np.asarray(x, dtype=np.float64)
+    out = np.empty(x.shape, dtype=np.float32)
+    for j in range(x.shape[1]):
+        values, inverse = np.unique(quantiles[:, j], return_inverse=True)
+        levels = np.bincount(inverse, weights=_QUANTILE_LEVELS) / np.bincount(inverse)
+        if len(values) == 1:
+            out[:, j] = 0.0
+            continue
+        out[:, j] = ndtri(np.interp(x[:, j], values, levels))
+    return out
+
+
 @dataclass
 class ScellstModel:
     """A trained model (one network or an ensemble) and everything needed to apply it to a new slide.
@@ -89,7 +124,7 @@ class ScellstModel:
     genes: list[str]
     feature_names: list[str]
     embedding_method: str
-    embedding_scaling: str  # "slide": standardise features per slide; "global": with the training statistics
+    embedding_scaling: str  # "quantile"/"slide": per-slide normal scores / z-scores; "global": training statistics
     feature_mean: np.ndarray
     feature_std: np.ndarray
     gene_scale: np.ndarray
@@ -146,7 +181,9 @@ class ScellstModel:
             self._teachers = [] if cfg is None else self._build(MILConfig(**cfg), self.extras["teacher_members"])
         return self._teachers
 
-    def _feature_stats(self, features) -> tuple[np.ndarray, np.ndarray]:
+    def _feature_stats(self, features) -> Any:
+        if self.embedding_scaling == "quantile":
+            return quantile_stats(features)
         if self.embedding_scaling != "slide":
             return self.feature_mean, self.feature_std
         if hasattr(features, "compute"):  # dask: one streaming pass
@@ -157,10 +194,13 @@ class ScellstModel:
         x = np.asarray(features, dtype=np.float32)
         return x.mean(axis=0), x.std(axis=0)
 
-    def standardize(self, features: np.ndarray, stats: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
-        """Standardise raw features as during training (per slide, or with the training statistics)."""
-        mean, std = stats if stats is not None else self._feature_stats(features)
+    def standardize(self, features: np.ndarray, stats: Any = None) -> np.ndarray:
+        """Scale raw features as during training (per-slide quantiles or z-scores, or the training statistics)."""
+        stats = stats if stats is not None else self._feature_stats(features)
         x = np.asarray(features, dtype=np.float32)
+        if self.embedding_scaling == "quantile":
+            return quantile_normal(x, stats)
+        mean, std = stats
         return ((x - mean) / np.where(std > 1e-8, std, 1.0)).astype(np.float32)
 
     def _to_lognorm(self, raw: np.ndarray) -> np.ndarray:

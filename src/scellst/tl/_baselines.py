@@ -1,6 +1,6 @@
 """Spot-level baselines that run through the same evaluation harness as the MIL model.
 
-Both see only the mean standardised cell embedding of each spot (no multiple-instance learning), so they show how
+Both see only the mean scaled cell embedding of each spot (no multiple-instance learning), so they show how
 much the per-cell model gains or loses at spot level.
 """
 
@@ -11,7 +11,7 @@ from dataclasses import replace
 
 import numpy as np
 
-from ._train import FitSettings, Slide, TrainingData, build_training_data, fit_member, validation_mask
+from ._train import DEFAULT_SCALING, FitSettings, Slide, TrainingData, build_training_data, fit_member, validation_mask
 
 BASELINES = ("ridge", "spot_mlp")
 
@@ -36,8 +36,8 @@ def fit_predict_baseline(
     spot and its log cell count. ``"spot_mlp"``: the sCellST MLP (same layers, MSE on the same scaled targets, same
     early stopping) applied to the spot's mean embedding instead of to each cell.
     """
-    train_data = build_training_data(train, genes, "slide")
-    test_data = build_training_data([test], genes, "slide")
+    train_data = build_training_data(train, genes, DEFAULT_SCALING)
+    test_data = build_training_data([test], genes, DEFAULT_SCALING)
     if name == "ridge":
         from sklearn.linear_model import RidgeCV
 

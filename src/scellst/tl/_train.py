@@ -33,6 +33,9 @@ if TYPE_CHECKING:
     from ..models import ScellstModel
 
 
+DEFAULT_SCALING = "quantile"  # cell features: per-slide normal scores (robust to monotone stain and scanner changes)
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # data preparation
 # --------------------------------------------------------------------------------------------------------------------
@@ -191,10 +194,15 @@ def build_training_data(slides: Sequence[Slide], genes: Sequence[str], embedding
     g_mean, g_std = all_feats.mean(axis=0), all_feats.std(axis=0)
     xs, bags, slide_of, xy, ln, raw, lib, scales, offset = [], [], [], [], [], [], [], [], 0
     for i, s in enumerate(slides):
-        mean, std = (
-            (s.features.mean(axis=0), s.features.std(axis=0)) if embedding_scaling == "slide" else (g_mean, g_std)
-        )
-        xs.append((s.features - mean) / np.where(std > 1e-8, std, 1.0))
+        if embedding_scaling == "quantile":
+            from ..models._mil import quantile_normal, quantile_stats
+
+            xs.append(quantile_normal(s.features, quantile_stats(s.features)))
+        else:
+            mean, std = (
+                (s.features.mean(axis=0), s.features.std(axis=0)) if embedding_scaling == "slide" else (g_mean, g_std)
+            )
+            xs.append((s.features - mean) / np.where(std > 1e-8, std, 1.0))
         bags.extend(b + offset for b in s.bags)
         offset += s.features.shape[0]
         slide_of.append(np.full(len(s.bags), i))
@@ -495,7 +503,7 @@ def fit_slides(
     dropout: float = 0.0,
     n_models: int | None = None,
     val_fraction: float = 0.15,
-    embedding_scaling: str = "slide",
+    embedding_scaling: str = DEFAULT_SCALING,
     seed: int = 0,
     settings: FitSettings | None = None,
     checkpoint_dir: str | Path | None = None,
@@ -640,7 +648,7 @@ def train(
     max_epochs: int = 1000,
     patience: int = 30,
     val_fraction: float = 0.15,
-    embedding_scaling: Literal["slide", "global"] = "slide",
+    embedding_scaling: Literal["quantile", "slide", "global"] = DEFAULT_SCALING,
     seed: int = 0,
     device: str = "cpu",
     checkpoint_dir: str | Path | None = None,
@@ -707,8 +715,11 @@ def train(
     val_fraction
         Fraction of each slide's spots held out for validation, as spatial blocks (``0`` disables early stopping).
     embedding_scaling
-        ``"slide"`` standardises features per slide (removes slide-level stain differences; the same is done on
-        new slides at prediction), ``"global"`` uses the statistics of the training cells.
+        How cell features are put on a common scale, the same way on training slides and on new slides at
+        prediction: ``"quantile"`` (default) maps each feature through the slide's own quantiles to a normal score
+        (removes any monotone difference between slides: stain strength, scanner colour response); ``"slide"``
+        z-scores each feature per slide (removes shifts and scalings only); ``"global"`` uses the statistics of the
+        training cells.
     seed
         Random seed (weights, batches, validation blocks); the same seed and data give the same model.
     device
@@ -726,14 +737,15 @@ def train(
     loss curves of each member, ``model.params`` the settings and the filters applied).
     """
     from ..models import LOSSES
+    from ..models._mil import EMBEDDING_SCALINGS
     from ._models import default_lr, model_options, reference_genes
 
     model_options(model, model_params)  # fail fast on an unknown model or option
 
     if loss not in LOSSES:
         raise ValueError(f"Unknown loss {loss!r}; choose one of {LOSSES}.")
-    if embedding_scaling not in ("slide", "global"):
-        raise ValueError(f"`embedding_scaling` must be 'slide' or 'global', got {embedding_scaling!r}.")
+    if embedding_scaling not in EMBEDDING_SCALINGS:
+        raise ValueError(f"`embedding_scaling` must be one of {EMBEDDING_SCALINGS}, got {embedding_scaling!r}.")
     if not 0 <= val_fraction < 0.9:
         raise ValueError("`val_fraction` must be in [0, 0.9).")
     sdatas = as_list(sdata)
