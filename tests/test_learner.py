@@ -144,13 +144,13 @@ def test_quantile_scaling_ignores_monotone_stain_changes(model, processed):
 
     assert model.embedding_scaling == "quantile"
     x = np.asarray(processed.tables["nuclei_embeddings"].X, dtype=np.float64)
-    changed = np.exp(0.7 * x) + 3.0  # monotone, non-linear
+    changed = 4.0 * np.cbrt(x) + 3.0  # monotone, non-linear
     z = quantile_normal(x, quantile_stats(x))
     # equal at the 1,000 quantile levels; between them the linear interpolation differs by a fraction of a level
     diff = np.abs(quantile_normal(changed, quantile_stats(changed)) - z)
-    assert diff.max() < 0.15
+    inner = np.abs(z) < 2.5  # in the far tails one level spans up to 0.3 normal units
+    assert diff[inner].max() < 0.15
     assert diff.mean() < 0.005
-    inner = np.abs(z) < 2.5
     assert abs(z[inner].mean()) < 0.1
     assert 0.8 < z[inner].std() < 1.2
     pred = model.predict_cells(x)
