@@ -109,6 +109,30 @@ def quantile_normal(x: np.ndarray, quantiles: np.ndarray) -> np.ndarray:
     return out
 
 
+def slide_stats(features, scaling: str, feature_mean: np.ndarray, feature_std: np.ndarray) -> Any:
+    """What :func:`apply_scaling` needs for one slide: its quantiles, its mean and sd, or the training statistics."""
+    if scaling == "quantile":
+        return quantile_stats(features)
+    if scaling != "slide":
+        return feature_mean, feature_std
+    if hasattr(features, "compute"):  # dask: one streaming pass
+        import dask
+
+        mean, std = dask.compute(features.mean(axis=0), features.std(axis=0))
+        return np.asarray(mean, dtype=np.float32), np.asarray(std, dtype=np.float32)
+    x = np.asarray(features, dtype=np.float32)
+    return x.mean(axis=0), x.std(axis=0)
+
+
+def apply_scaling(features, scaling: str, stats: Any) -> np.ndarray:
+    """One slide's raw features scaled for the networks (the same at training and at prediction)."""
+    x = np.asarray(features, dtype=np.float32)
+    if scaling == "quantile":
+        return quantile_normal(x, stats)
+    mean, std = stats
+    return ((x - mean) / np.where(std > 1e-8, std, 1.0)).astype(np.float32)
+
+
 @dataclass
 class ScellstModel:
     """A trained model (one network or an ensemble) and everything needed to apply it to a new slide.
@@ -182,26 +206,12 @@ class ScellstModel:
         return self._teachers
 
     def _feature_stats(self, features) -> Any:
-        if self.embedding_scaling == "quantile":
-            return quantile_stats(features)
-        if self.embedding_scaling != "slide":
-            return self.feature_mean, self.feature_std
-        if hasattr(features, "compute"):  # dask: one streaming pass
-            import dask
-
-            mean, std = dask.compute(features.mean(axis=0), features.std(axis=0))
-            return np.asarray(mean, dtype=np.float32), np.asarray(std, dtype=np.float32)
-        x = np.asarray(features, dtype=np.float32)
-        return x.mean(axis=0), x.std(axis=0)
+        return slide_stats(features, self.embedding_scaling, self.feature_mean, self.feature_std)
 
     def standardize(self, features: np.ndarray, stats: Any = None) -> np.ndarray:
         """Scale raw features as during training (per-slide quantiles or z-scores, or the training statistics)."""
         stats = stats if stats is not None else self._feature_stats(features)
-        x = np.asarray(features, dtype=np.float32)
-        if self.embedding_scaling == "quantile":
-            return quantile_normal(x, stats)
-        mean, std = stats
-        return ((x - mean) / np.where(std > 1e-8, std, 1.0)).astype(np.float32)
+        return apply_scaling(features, self.embedding_scaling, stats)
 
     def _to_lognorm(self, raw: np.ndarray) -> np.ndarray:
         if self.config.loss in COUNT_LOSSES:

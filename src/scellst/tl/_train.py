@@ -190,19 +190,15 @@ def build_training_data(slides: Sequence[Slide], genes: Sequence[str], embedding
     """Standardise features, compute targets and per-slide scales."""
     import scipy.sparse as sp
 
+    from ..models._mil import apply_scaling, slide_stats
+
     all_feats = np.concatenate([s.features for s in slides])
     g_mean, g_std = all_feats.mean(axis=0), all_feats.std(axis=0)
     xs, bags, slide_of, xy, ln, raw, lib, scales, offset = [], [], [], [], [], [], [], [], 0
     for i, s in enumerate(slides):
-        if embedding_scaling == "quantile":
-            from ..models._mil import quantile_normal, quantile_stats
-
-            xs.append(quantile_normal(s.features, quantile_stats(s.features)))
-        else:
-            mean, std = (
-                (s.features.mean(axis=0), s.features.std(axis=0)) if embedding_scaling == "slide" else (g_mean, g_std)
-            )
-            xs.append((s.features - mean) / np.where(std > 1e-8, std, 1.0))
+        xs.append(
+            apply_scaling(s.features, embedding_scaling, slide_stats(s.features, embedding_scaling, g_mean, g_std))
+        )
         bags.extend(b + offset for b in s.bags)
         offset += s.features.shape[0]
         slide_of.append(np.full(len(s.bags), i))
