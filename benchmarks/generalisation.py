@@ -123,19 +123,26 @@ def part_ablation(slides, seed: int) -> pd.DataFrame:
     return table
 
 
-def part_curve(slides, seed: int) -> pd.DataFrame:
-    """The default trained on every subset of 1, 2, 3 of the other sections, genes chosen on that subset."""
+def part_curve(slides, seed: int, *, genes_from: str = "fixed") -> pd.DataFrame:
+    """The default trained on every subset of 1, 2, 3 of the other sections.
+
+    ``genes_from="fixed"`` scores every subset on the same genes (the top HVG of all the other sections, chosen once
+    per held-out section), so that the curve shows what more sections bring; ``"subset"`` lets each subset choose
+    its own genes (what a user with fewer sections would do), whose scores are on different gene sets.
+    """
     import scellst
 
     rows = []
     names = list(slides)
     for test in names:
         others = [n for n in names if n != test]
+        fixed = scellst.pp.select_genes([slides[n] for n in others], n_genes=N_GENES)
         for k in range(1, len(others) + 1):
             for subset in itertools.combinations(others, k):
                 t0 = time.perf_counter()
-                model = scellst.tl.train([slides[n] for n in subset], n_top_genes=N_GENES, seed=seed,
-                                         show_progress_bar=False)  # fmt: skip
+                train = [slides[n] for n in subset]
+                genes = fixed if genes_from == "fixed" else scellst.pp.select_genes(train, n_genes=N_GENES)
+                model = scellst.tl.train(train, genes=genes, seed=seed, show_progress_bar=False)
                 seconds = time.perf_counter() - t0
                 r = scellst.tl.evaluate(slides[test], model)["pearson"].mean()
                 rows.append({"test": test, "n_sections": k, "train": "+".join(subset), "pearson": r, "seconds": seconds,
@@ -146,7 +153,7 @@ def part_curve(slides, seed: int) -> pd.DataFrame:
     curve = df.groupby(["n_sections", "test"])["pearson"].mean().unstack("test")
     curve["mean"] = curve.mean(axis=1)
     curve["train s"] = df.groupby("n_sections")["seconds"].mean()
-    _print("Learning curve (mean over the subsets of each size; columns: held-out section):", curve)
+    _print(f"Learning curve, genes {genes_from} (mean over the subsets of each size; columns: held-out section):", curve)
     return df
 
 
@@ -258,6 +265,8 @@ def main() -> None:
     parser.add_argument("--sections", nargs="+", default=["C2", "C3", "C4", "C5"])
     parser.add_argument("--stain-sections", nargs="+", default=None, help="held-out sections of the stain part")
     parser.add_argument("--shifts", nargs="+", default=list(STAIN_SHIFTS))
+    parser.add_argument("--curve-genes", choices=["fixed", "subset"], default="fixed",
+                        help="learning curve: one gene set per held-out section, or genes chosen on each subset")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
@@ -270,7 +279,7 @@ def main() -> None:
         elif part == "ablation":
             part_ablation(slides, args.seed)
         elif part == "curve":
-            part_curve(slides, args.seed)
+            part_curve(slides, args.seed, genes_from=args.curve_genes)
         elif part == "stain":
             part_stain(slides, args.seed, tests=args.stain_sections or args.sections, shifts=args.shifts)
         elif part == "stability":
