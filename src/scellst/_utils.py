@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Mapping
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
@@ -31,6 +33,10 @@ def all_element_names(sdata: SpatialData) -> list[str]:
 def get_key(sdata: SpatialData, kind: ElementKind, key: str | None, *, what: str | None = None) -> str:
     """Resolve the key of an element of one type; ``None`` means the only element of that type.
 
+    For images, ``None`` among several means the full-resolution H&E (``"he"``, or the only image with recorded
+    microns per pixel), so that the output of :func:`scellst.io.visium` (``he``, ``he_hires``, ``he_lowres``) works
+    without naming it.
+
     Raises a :class:`KeyError` that lists the available elements when the key does not exist or is ambiguous.
     """
     elements = getattr(sdata, kind)
@@ -40,6 +46,10 @@ def get_key(sdata: SpatialData, kind: ElementKind, key: str | None, *, what: str
             return next(iter(elements.keys()))
         if len(elements) == 0:
             raise KeyError(f"The SpatialData object has no {kind}; cannot find the {what}. Add one first.")
+        if kind == "images":
+            default = _default_image_key(sdata)
+            if default is not None:
+                return default
         raise KeyError(
             f"The SpatialData object has several {kind} ({', '.join(map(repr, elements.keys()))}); "
             f"pass the key of the {what} explicitly."
@@ -48,6 +58,17 @@ def get_key(sdata: SpatialData, kind: ElementKind, key: str | None, *, what: str
         available = ", ".join(map(repr, elements.keys())) or "none"
         raise KeyError(f"No {what} {key!r} in sdata.{kind}. Available {kind}: {available}.")
     return key
+
+
+def _default_image_key(sdata: SpatialData) -> str | None:
+    """The full-resolution H&E among several images: ``"he"`` (scellst's readers), else the only image whose
+    microns per pixel are recorded, else ``None`` (ambiguous)."""
+    from ._constants import Key
+
+    if Key.IMAGE in sdata.images:
+        return Key.IMAGE
+    recorded = [k for k in scellst_attrs(sdata).get(Attr.MICRONS_PER_PIXEL, {}) if k in sdata.images]
+    return recorded[0] if len(recorded) == 1 else None
 
 
 def source_image_key(sdata: SpatialData, shapes_key: str, image_key: str | None) -> str:
@@ -219,6 +240,15 @@ def check_writable(sdata: SpatialData, key: str, *, overwrite: bool) -> None:
         )
 
 
+@contextmanager
+def quiet_zarr():
+    """Silence zarr's notice that sharding will become the default (once per element written otherwise)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*autosharding.*", category=UserWarning)
+        warnings.filterwarnings("ignore", message=".*sharding.*", category=UserWarning)
+        yield
+
+
 def write_element(sdata: SpatialData, key: str, element: Any, *, overwrite: bool, what: str) -> None:
     """Add an element in place (and to disk for a backed object), refusing silent overwrites."""
     check_writable(sdata, key, overwrite=overwrite)
@@ -229,9 +259,10 @@ def write_element(sdata: SpatialData, key: str, element: Any, *, overwrite: bool
         del sdata[key]
     sdata[key] = element
     if sdata.is_backed():
-        if on_disk:
-            sdata.delete_element_from_disk(key)
-        sdata.write_element(key)
+        with quiet_zarr():
+            if on_disk:
+                sdata.delete_element_from_disk(key)
+            sdata.write_element(key)
     logger.info(f"Added {what} to sdata[{key!r}]")
 
 

@@ -2,13 +2,15 @@
 
 from .._utils import set_microns_per_pixel
 from ._nuclei import read_nuclei
-from ._readers import from_image, from_spots, visium
+from ._readers import file_microns_per_pixel, from_image, from_spots, read, visium
 from ._xenium import add_cells, read_alignment, xenium
 
 __all__ = [
     "add_cells",
+    "file_microns_per_pixel",
     "from_image",
     "from_spots",
+    "read",
     "read_alignment",
     "read_nuclei",
     "set_microns_per_pixel",

@@ -19,6 +19,9 @@ if TYPE_CHECKING:
     from spatialdata import SpatialData
 
 
+_TIFF_SUFFIXES = {".tif", ".tiff", ".svs", ".btf", ".ndpi", ".scn"}
+
+
 def _default_scale_factors(height: int, width: int, smallest: int = 1024) -> list[int]:
     factors = []
     size = max(height, width)
@@ -37,7 +40,7 @@ def _load_image_array(image: Any) -> Any:
         path = Path(image)
         if not path.exists():
             raise FileNotFoundError(f"Image file {str(path)!r} does not exist.")
-        if path.suffix.lower() in {".tif", ".tiff", ".svs", ".btf"}:
+        if path.suffix.lower() in _TIFF_SUFFIXES:
             import tifffile
             import zarr
 
@@ -54,6 +57,11 @@ def _load_image_array(image: Any) -> Any:
             finally:
                 Image.MAX_IMAGE_PIXELS = previous
         image = arr
+    if isinstance(image, xr.DataTree):  # a multiscale image element (e.g. of a re-opened zarr store): its level 0
+        if not image.children:
+            raise ValueError("The multiscale image has no levels.")
+        level = image[sorted(image.children)[0]]
+        image = next(iter(level.ds.data_vars.values()))
     if isinstance(image, xr.DataArray):
         if tuple(image.dims) == ("c", "y", "x"):
             return image.data
@@ -61,7 +69,10 @@ def _load_image_array(image: Any) -> Any:
             return image.transpose("c", "y", "x").data
         raise ValueError(f"Unsupported image dims {image.dims}; expected ('c', 'y', 'x') or ('y', 'x', 'c').")
     if not hasattr(image, "ndim"):
-        raise TypeError(f"`image` must be a path, a numpy/dask array or an xarray.DataArray, got {type(image)}.")
+        raise TypeError(
+            "`image` must be a path, a numpy/dask array, an xarray.DataArray or a multiscale image element "
+            f"(xarray.DataTree), got {type(image)}."
+        )
     if image.ndim == 2:
         image = image[None]
     elif image.ndim == 3 and image.shape[-1] in (3, 4) and image.shape[0] not in (3, 4):
@@ -71,6 +82,45 @@ def _load_image_array(image: Any) -> Any:
     if image.shape[0] == 4:
         image = image[:3]
     return image
+
+
+def file_microns_per_pixel(path: str | Path) -> float | None:
+    """The microns per pixel stated in a slide file's own metadata, or ``None`` when it states none.
+
+    Reads (without decoding any pixel) the ``MPP`` of an Aperio SVS description, the ``PhysicalSizeX`` of an
+    OME-TIFF, or the TIFF resolution tags when their unit is centimetres or inches (NDPI, pyramidal TIFF). Values
+    outside 0.05-20 um/px (e.g. the 72 dpi default of image editors) are ignored.
+    """
+    path = Path(path)
+    if path.suffix.lower() not in _TIFF_SUFFIXES:
+        return None
+    import re
+
+    import tifffile
+
+    def plausible(value: float | None) -> float | None:
+        return float(value) if value is not None and np.isfinite(value) and 0.05 <= value <= 20 else None
+
+    with tifffile.TiffFile(path) as tif:
+        page = tif.pages[0]
+        description = page.description or ""
+        match = re.search(r"\bMPP\s*=\s*([0-9.eE+-]+)", description)
+        if tif.is_svs and match:
+            return plausible(float(match.group(1)))
+        if tif.is_ome and tif.ome_metadata:
+            size = re.search(r'PhysicalSizeX="([0-9.eE+-]+)"', tif.ome_metadata)
+            unit = re.search(r'PhysicalSizeXUnit="([^"]+)"', tif.ome_metadata)
+            factor = {"µm": 1.0, "um": 1.0, "nm": 1e-3, "mm": 1e3, "cm": 1e4}.get(unit.group(1) if unit else "µm")
+            if size and factor is not None:
+                return plausible(float(size.group(1)) * factor)
+        tags = page.tags
+        if "XResolution" in tags and "ResolutionUnit" in tags:
+            num, den = tags["XResolution"].value
+            unit = int(tags["ResolutionUnit"].value)
+            per_unit = {2: 25400.0, 3: 10000.0}.get(unit)  # microns per inch / per centimetre
+            if per_unit is not None and num > 0 and den > 0:
+                return plausible(per_unit / (num / den))
+    return None
 
 
 def _parse_image(image: Any, *, microns_per_pixel: float, chunks: int) -> Any:
@@ -126,6 +176,33 @@ def _counts_to_anndata(counts: Any, n_spots: int, gene_names: Sequence[str] | No
     return adata
 
 
+def _own_ids(index: pd.Index) -> np.ndarray | None:
+    """Spot ids carried by an index, or ``None`` for a default ``0..n-1`` index (positions, not ids)."""
+    ids = np.asarray(index).astype(str)
+    if isinstance(index, pd.RangeIndex) or np.array_equal(ids, np.arange(len(ids)).astype(str)):
+        return None
+    return ids
+
+
+def _counts_in_order(counts: Any, counts_ids: np.ndarray, spot_ids: np.ndarray) -> Any:
+    """``counts`` reordered to ``spot_ids``; a clear error when the two sets of ids differ."""
+    if len(set(counts_ids)) != len(counts_ids):
+        raise ValueError("The spot ids of `counts` are not unique.")
+    missing = [i for i in spot_ids if i not in set(counts_ids)]
+    extra = sorted(set(counts_ids) - set(spot_ids))
+    if missing or extra:
+        raise ValueError(
+            f"The spot ids of `spot_xy`/`spot_ids` and of `counts` differ: {len(missing)} spot(s) without counts "
+            f"(e.g. {missing[:3]}) and {len(extra)} count row(s) without a position (e.g. {extra[:3]}). Counts are "
+            "matched to spots by id; subset both to the same spots (or pass positions and counts without ids to "
+            "match them by order)."
+        )
+    if np.array_equal(counts_ids, spot_ids):
+        return counts
+    order = pd.Index(counts_ids).get_indexer(spot_ids)
+    return counts[order].copy() if hasattr(counts, "obs_names") else counts.iloc[order]
+
+
 def from_spots(
     image: Any,
     *,
@@ -159,7 +236,10 @@ def from_spots(
     gene_names
         Gene names when ``counts`` is an array.
     spot_ids
-        Spot identifiers (default: DataFrame index, AnnData obs names, or ``0..n-1``).
+        Spot identifiers (default: the index of a ``spot_xy`` DataFrame, else the ids of ``counts``, else
+        ``0..n-1``). When both the positions and ``counts`` (AnnData obs names or DataFrame index) carry ids, counts
+        are matched to spots **by id** (reordered as needed) and mismatched ids raise; without ids they are matched
+        by order.
     image_key, spots_key, table_key
         Names of the image, the spot circles and the spot count table.
     chunks
@@ -187,30 +267,34 @@ def from_spots(
         missing = {"x", "y"} - set(spot_xy.columns)
         if missing:
             raise KeyError(f"`spot_xy` DataFrame needs columns 'x' and 'y'; missing {sorted(missing)}.")
-        ids_default = spot_xy.index.astype(str).to_numpy()
+        xy_ids = _own_ids(spot_xy.index)
         xy = spot_xy[["x", "y"]].to_numpy(dtype=float)
     else:
         xy = np.asarray(spot_xy, dtype=float)
-        ids_default = None
+        xy_ids = None
     if xy.ndim != 2 or xy.shape[1] != 2:
         raise ValueError(f"`spot_xy` must have shape (n_spots, 2) with columns (x, y), got {xy.shape}.")
+    if xy.shape[0] == 0:
+        raise ValueError("`spot_xy` holds no spot: pass one (x, y) centre per spot of `counts`.")
     if not np.isfinite(xy).all():
         raise ValueError("`spot_xy` contains NaN or infinite coordinates.")
     n = xy.shape[0]
     if spot_ids is not None:
-        ids = np.asarray(spot_ids).astype(str)
-    elif ids_default is not None:
-        ids = ids_default
-    elif isinstance(counts, AnnData):
-        ids = counts.obs_names.astype(str).to_numpy()
+        xy_ids = np.asarray(spot_ids).astype(str)
+        if len(xy_ids) != n:
+            raise ValueError(f"{len(xy_ids)} `spot_ids` for {n} spot positions; they must match 1:1.")
+    counts_ids = None
+    if isinstance(counts, AnnData):
+        counts_ids = _own_ids(counts.obs_names)
     elif isinstance(counts, pd.DataFrame):
-        ids = counts.index.astype(str).to_numpy()
-    else:
-        ids = np.arange(n).astype(str)
+        counts_ids = _own_ids(counts.index)
+    if xy_ids is not None and len(set(xy_ids)) != n:
+        raise ValueError("Spot ids must be unique.")
+    if xy_ids is not None and counts_ids is not None:
+        counts = _counts_in_order(counts, counts_ids, xy_ids)  # matched by id, never by position
+    ids = xy_ids if xy_ids is not None else counts_ids if counts_ids is not None else np.arange(n).astype(str)
     if len(ids) != n:
-        raise ValueError(
-            f"{len(ids)} spot ids (from `spot_ids` or `counts`) for {n} spot positions; they must match 1:1."
-        )
+        raise ValueError(f"{len(ids)} spot ids (from `counts`) for {n} spot positions; they must match 1:1.")
     if len(set(ids)) != n:
         raise ValueError("Spot ids must be unique.")
 
@@ -253,7 +337,7 @@ def from_spots(
 def from_image(
     image: Any,
     *,
-    microns_per_pixel: float,
+    microns_per_pixel: float | None = None,
     image_key: str = Key.IMAGE,
     chunks: int = 1024,
 ) -> SpatialData:
@@ -262,9 +346,12 @@ def from_image(
     Parameters
     ----------
     image
-        H&E image: a path, a numpy/dask array (``(y, x, 3)`` or ``(3, y, x)``) or an :class:`xarray.DataArray`.
+        H&E image: a path (SVS, NDPI, pyramidal/OME-TIFF read lazily from the file's full-resolution level; JPEG/PNG
+        in memory), a numpy/dask array (``(y, x, 3)`` or ``(3, y, x)``), an :class:`xarray.DataArray`, or an image
+        element of another SpatialData (single- or multiscale, e.g. ``sdata.images["he"]`` of a re-opened store).
     microns_per_pixel
-        Size of one full-resolution pixel in microns.
+        Size of one full-resolution pixel in microns. ``None`` reads it from the file's metadata (Aperio ``MPP``,
+        OME ``PhysicalSizeX``, TIFF resolution tags) and raises when the file states none.
     image_key
         Name of the image element.
     chunks
@@ -277,6 +364,15 @@ def from_image(
     """
     from spatialdata import SpatialData
 
+    if microns_per_pixel is None:
+        microns_per_pixel = file_microns_per_pixel(image) if isinstance(image, str | Path) else None
+        if microns_per_pixel is None:
+            where = f"{str(image)!r} states no microns per pixel" if isinstance(image, str | Path) else "an array"
+            raise ValueError(
+                f"`microns_per_pixel` is needed: {where}. Pass the size of one full-resolution pixel in microns "
+                "(about 0.25 at 40x, 0.5 at 20x)."
+            )
+        logger.info(f"Microns per pixel from the file's metadata: {microns_per_pixel:.4f}")
     mpp = float(microns_per_pixel)
     if not np.isfinite(mpp) or mpp <= 0:
         raise ValueError(f"`microns_per_pixel` must be positive, got {microns_per_pixel!r}.")
@@ -377,3 +473,57 @@ def visium(
         f"{image_key!r} at {mpp:.3f} um/px (coordinate system {dataset_id!r})"
     )
     return sdata
+
+
+_IMAGE_SUFFIXES = _TIFF_SUFFIXES | {".jpg", ".jpeg", ".png"}
+
+
+def is_zarr_store(path: str | Path) -> bool:
+    """Whether ``path`` is a zarr store (a folder with ``zarr.json`` or ``.zgroup`` at its root)."""
+    path = Path(path)
+    return path.is_dir() and ((path / "zarr.json").exists() or (path / ".zgroup").exists())
+
+
+def read(
+    path: str | Path,
+    *,
+    fullres_image: str | Path | None = None,
+    microns_per_pixel: float | None = None,
+) -> SpatialData:
+    """Open whatever slide a user has: a scellst/SpatialData zarr store, a Space Ranger folder, or an H&E image.
+
+    Parameters
+    ----------
+    path
+        A zarr store (opened lazily, never modified), a Visium Space Ranger ``outs`` folder (read by
+        :func:`visium`; pass its full-resolution H&E as ``fullres_image``), or an H&E image file (SVS, NDPI, TIFF,
+        JPEG, PNG; read by :func:`from_image`, H&E-only).
+    fullres_image
+        The full-resolution H&E of a Space Ranger folder.
+    microns_per_pixel
+        For an image file: the size of one pixel in microns (default: from the file's metadata).
+
+    Returns
+    -------
+    The SpatialData object.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{str(path)!r} does not exist.")
+    if is_zarr_store(path):
+        import spatialdata as sd
+
+        return sd.read_zarr(path)
+    if path.is_dir():
+        if (path / "spatial").is_dir() or any(path.glob("*feature_bc_matrix*")):
+            return visium(path, fullres_image=fullres_image)
+        raise ValueError(
+            f"{str(path)!r} is a folder but neither a zarr store nor a Space Ranger folder (with `spatial/` and a "
+            "feature-barcode matrix)."
+        )
+    if path.suffix.lower() in _IMAGE_SUFFIXES:
+        return from_image(path, microns_per_pixel=microns_per_pixel)
+    raise ValueError(
+        f"Cannot read {str(path)!r}: pass a zarr store, a Space Ranger folder or an H&E image "
+        f"({', '.join(sorted(_IMAGE_SUFFIXES))})."
+    )
