@@ -74,10 +74,21 @@ def gene_filter(
     return genes
 
 
+MIN_HVG_SPOTS = 20  # per slide, for scanpy's seurat_v3 (a loess fit of variance on mean)
+MIN_HVG_GENES = 20
+
+
 def _hvg(tables: list[AnnData], genes: list[str], n_genes: int) -> pd.Series:
     import anndata as ad
     import scanpy as sc
 
+    if min(t.n_obs for t in tables) < MIN_HVG_SPOTS or len(genes) < MIN_HVG_GENES:
+        # scanpy's seurat_v3 loess can crash the interpreter (not raise) on a handful of spots or genes
+        logger.warning(
+            f"Too few spots ({min(t.n_obs for t in tables)}) or genes ({len(genes)}) for seurat_v3; ranking genes by "
+            "the variance of log-normalised counts instead"
+        )
+        return pd.Series(np.concatenate([lognorm(t, genes) for t in tables]).var(axis=0), index=genes)
     merged = ad.concat([t[:, genes] for t in tables], label="_slide", index_unique="-")
     merged.X = merged.X.astype(np.float32)
     batch = "_slide" if len(tables) > 1 else None
@@ -211,6 +222,9 @@ def rank_genes(
         return wanted
     if n_genes < 1:
         raise ValueError("`n_genes` must be at least 1.")
+    empty = [i for i, t in enumerate(tables) if t.n_obs == 0]
+    if empty:
+        raise ValueError(f"Spot table(s) {empty} hold no spot: check the spot table and the spots kept for training.")
     genes = gene_filter(tables, min_counts=min_counts, min_spot_fraction=min_spot_fraction, exclude_mt=exclude_mt)
     if flavor == "hvg":
         score = _hvg(tables, genes, n_genes)
@@ -223,6 +237,11 @@ def rank_genes(
     else:
         raise ValueError(f"Unknown gene selection flavor {flavor!r}; use 'hvg', 'svg', 'rmax' or a list of genes.")
     selected = list(score.sort_values(ascending=False, kind="stable").index[:n_genes])
+    if len(selected) < n_genes:
+        logger.warning(
+            f"Only {len(selected)} genes pass the filters, fewer than the {n_genes} asked for; lower `min_counts` / "
+            "`min_spot_fraction` for more (genes with few counts are mostly noise)."
+        )
     logger.info(
         f"Selected {len(selected)} genes ({flavor}): {', '.join(selected[:8])}{' ...' if len(selected) > 8 else ''}"
     )

@@ -91,6 +91,39 @@ def _check_counts(table: AnnData, name: str) -> None:
         raise ValueError(f"The spot table {name!r} has negative values; scellst needs raw counts.")
 
 
+def _check_spot_layout(spots, name: str) -> None:
+    """Refuse spots that overlap one another: their centres are then in another frame than their size.
+
+    Capture spots and bins never overlap by more than half their radius (Visium: 100 um apart, 55 um wide;
+    Visium HD bins touch). Spot centres given in hires or lowres pixels while the radius is in full-resolution pixels
+    put the centres closer than one radius apart.
+    """
+    from scipy.spatial import cKDTree
+
+    if len(spots) < 3:
+        return
+    xy = shapes_centroids(spots)
+    if "radius" in spots.columns:
+        radius = float(np.nanmedian(np.asarray(spots["radius"], dtype=float)))
+    else:
+        radius = float(np.sqrt(np.nanmedian(spots.geometry.area.to_numpy()) / np.pi))
+    if not np.isfinite(radius) or radius <= 0:
+        return
+    dist, _ = cKDTree(xy).query(xy, k=2)
+    spacing = float(np.median(dist[:, 1]))
+    if spacing < radius:
+        raise ValueError(
+            f"{name}: neighbouring spot centres are {spacing:.3g} px apart but the spots have a radius of {radius:.3g} px, "
+            "so the spots overlap one another and miss the tissue layout. The spot positions are probably in another "
+            "frame than their size: give them in full-resolution pixels of the H&E (not hires/lowres pixels; check the "
+            "scale factor) and check `spot_diameter_um` / `microns_per_pixel`."
+        )
+
+
+MIN_TRAINING_SPOTS = 10  # fewer spots cannot fit (nor select genes for) a model
+MIN_SPOTS_ON_TISSUE = 0.1  # below this fraction of spots with a nucleus, the spots miss the tissue
+
+
 def prepare_slide(
     sdata: SpatialData,
     *,
@@ -135,7 +168,15 @@ def prepare_slide(
             f"No spot of {spot_table_key!r} contains a nucleus of {shapes_key!r} and >= {min_spot_counts:g} counts; "
             "check the segmentation, `scellst.pp.assign_cells` and `min_spot_counts`."
         )
+    if len(ids) >= MIN_TRAINING_SPOTS and has_cells.mean() < MIN_SPOTS_ON_TISSUE:
+        raise ValueError(
+            f"{name}: only {int(has_cells.sum())} of {len(ids)} spots contain a nucleus, so the spots miss the tissue. "
+            "The spot positions are probably in another frame than the image: they must be in full-resolution "
+            "pixels of the H&E (not hires/lowres pixels; check the scale factor and swapped x/y) and registered in "
+            "the same coordinate system as the image. Look at both with spatialdata-plot (`render_images` then `render_shapes`)."
+        )
     spots = sdata.shapes[spots_key]
+    _check_spot_layout(spots, name)
     centres = pd.DataFrame(shapes_centroids(spots), index=spots.index.astype(str))
     kept_ids = ids[keep]
     return Slide(
@@ -759,6 +800,13 @@ def train(
         )
         for i, s in enumerate(sdatas)
     ]
+    n_spots = sum(len(s.bags) for s in slides)
+    if n_spots < MIN_TRAINING_SPOTS:
+        raise ValueError(
+            f"Only {n_spots} spot(s) with nuclei and >= {min_spot_counts:g} counts over {len(slides)} slide(s); at least "
+            f"{MIN_TRAINING_SPOTS} are needed to train. Check that the spots and nuclei are in the same frame (spot "
+            "positions in full-resolution pixels of the H&E), that `assign_cells` ran, and `min_spot_counts`."
+        )
     shared = reference_genes(reference) if model == "cpnn" and genes is None else None
     selected = rank_genes(
         [s.counts if shared is None else s.counts[:, s.counts.var_names.isin(shared)] for s in slides],
