@@ -1,4 +1,4 @@
-"""Command-line entry point: ``scellst demo``."""
+"""Command-line entry point: ``scellst train``, ``scellst predict``, ``scellst demo`` (also ``python -m scellst``)."""
 
 from __future__ import annotations
 
@@ -72,7 +72,10 @@ def run_demo(
         import shutil
 
         shutil.rmtree(store)
-    sdata.write(store)
+    from ._utils import quiet_zarr
+
+    with quiet_zarr():
+        sdata.write(store)
     genes = [g for g in ("EPCAM", "COL1A1", "PTPRC") if g in trained.genes]
     pl.expression(sdata, genes, save=out / "expression.png")
     elapsed = time.perf_counter() - t0
@@ -92,10 +95,145 @@ def run_demo(
     return results
 
 
+TRAIN_EXAMPLES = """examples:
+  # a Space Ranger folder and its full-resolution H&E
+  scellst train outs/ --fullres-image slide.tif --out run1
+  # several scellst / SpatialData zarr stores, 100 genes, DeepSpot2Cell
+  scellst train a.zarr b.zarr --out run2 --n-genes 100 --model deepspot2cell
+  # your own gene list (one name per line)
+  scellst train a.zarr --out run3 --genes genes.txt
+
+writes run1/model.pt and run1/<slide>.zarr (the slide with nuclei, embeddings and the predicted cell table
+'nuclei_expression'); input stores are only read.
+"""
+
+PREDICT_EXAMPLES = """examples:
+  # H&E-only slides (microns per pixel read from the SVS/OME-TIFF metadata)
+  scellst predict run1/model.pt slide1.svs slide2.svs --out predictions --export h5ad csv
+  # a JPEG/PNG states no pixel size: give it
+  scellst predict run1/model.pt tile.png --microns-per-pixel 0.5 --out predictions
+
+writes predictions/<slide>.zarr (whole or not at all) and, with --export, <slide>_cells.h5ad / .csv.gz.
+"""
+
+
+def _train_parser(sub) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train on slides with spots (Space Ranger folders or zarr stores) and predict their cells",
+        description="Train a model on spot transcriptomics + H&E, then write the model and the predicted slides.",
+        epilog=TRAIN_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("slides", nargs="+", type=Path, help="Space Ranger 'outs' folders or zarr stores")
+    p.add_argument("--out", type=Path, required=True, help="output folder (model.pt, <slide>.zarr)")
+    p.add_argument("--fullres-image", type=Path, nargs="+", default=None,
+                   help="full-resolution H&E of each Space Ranger folder, in the same order")  # fmt: skip
+    genes = p.add_mutually_exclusive_group()
+    genes.add_argument("--n-genes", type=int, default=50, help="number of genes to select (default: 50)")
+    genes.add_argument("--genes", type=Path, default=None, help="text file with one gene name per line")
+    p.add_argument("--gene-selection", default="hvg", choices=["hvg", "svg", "rmax"],
+                   help="how genes are selected (default: hvg, batch-aware over the slides)")  # fmt: skip
+    p.add_argument("--model", default="scellst", help="model of the registry (default: scellst)")
+    p.add_argument("--n-models", type=int, default=None, help="ensemble size (default: the model's own)")
+    p.add_argument("--embedding", default="morphology",
+                   choices=["morphology", "ssl", "encoder", "efficientnet-lite0"],
+                   help="how to embed cells of slides without embeddings (default: morphology)")  # fmt: skip
+    p.add_argument("--encoder", type=Path, default=None, help="encoder file for --embedding ssl/encoder")
+    p.add_argument("--max-epochs", type=int, default=None, help="maximum training epochs")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--no-stores", action="store_true", help="write the model only, not the predicted slides")
+    p.add_argument("--overwrite", action="store_true", help="replace existing outputs (never the inputs)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _predict_parser(sub) -> None:
+    p = sub.add_parser(
+        "predict",
+        help="apply a saved model to H&E slides or stores",
+        description="Segment, embed and predict the cells of new slides with a saved model.",
+        epilog=PREDICT_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("model", type=Path, help="model file written by `scellst train` or ScellstModel.save")
+    p.add_argument("slides", nargs="+", type=Path, help="H&E images (SVS, NDPI, TIFF, JPEG, PNG), zarr stores, "
+                   "or Space Ranger folders")  # fmt: skip
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument("--microns-per-pixel", type=float, default=None,
+                   help="pixel size of images whose metadata states none")  # fmt: skip
+    p.add_argument("--fullres-image", type=Path, nargs="+", default=None,
+                   help="full-resolution H&E of each Space Ranger folder, in the same order")  # fmt: skip
+    p.add_argument("--encoder", type=Path, default=None, help="encoder file of a model trained on ssl/encoder")
+    p.add_argument("--export", nargs="+", default=[], choices=["h5ad", "csv"], help="also export the cell table")
+    p.add_argument("--overwrite", action="store_true", help="replace existing outputs (never the inputs)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _run_train(args) -> None:
+    from . import tl
+
+    kwargs = {"model": args.model, "seed": args.seed, "flavor": args.gene_selection, "n_top_genes": args.n_genes}
+    if args.genes is not None:
+        if not args.genes.exists():
+            raise SystemExit(f"Gene list {str(args.genes)!r} does not exist.")
+        kwargs["genes"] = [g.strip() for g in args.genes.read_text().splitlines() if g.strip()]
+    if args.n_models is not None:
+        kwargs["n_models"] = args.n_models
+    if args.max_epochs is not None:
+        kwargs["max_epochs"] = args.max_epochs
+    t0 = time.perf_counter()
+    model, runs = tl.run_train(
+        args.slides,
+        args.out,
+        fullres_images=args.fullres_image,
+        embedding=args.embedding,
+        encoder=args.encoder,
+        write_stores=not args.no_stores,
+        overwrite=args.overwrite,
+        show_progress_bar=not args.quiet,
+        **kwargs,
+    )
+    _echo(f"\nscellst train: {len(runs)} slide(s), {len(model.genes)} genes, model {model.model!r}")
+    for run in runs:
+        _echo(f"  {run.name}: {', '.join(run.steps) or 'nothing to do'}; {run.n_cells:,} cells -> {run.store}")
+    _echo(f"  wrote {args.out / 'model.pt'} in {time.perf_counter() - t0:.0f} s")
+
+
+def _run_predict(args) -> None:
+    from . import tl
+
+    t0 = time.perf_counter()
+    runs = tl.run_predict(
+        args.model,
+        args.slides,
+        args.out,
+        microns_per_pixel=args.microns_per_pixel,
+        fullres_images=args.fullres_image,
+        encoder=args.encoder,
+        export=args.export,
+        overwrite=args.overwrite,
+        show_progress_bar=not args.quiet,
+    )
+    _echo(f"\nscellst predict: {len(runs)} slide(s)")
+    for run in runs:
+        extra = f" + {', '.join(run.exports)}" if run.exports else ""
+        _echo(f"  {run.name}: {run.n_cells:,} cells in {run.seconds:.0f} s -> {run.store}{extra}")
+    _echo(f"  done in {time.perf_counter() - t0:.0f} s")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``scellst`` command."""
-    parser = argparse.ArgumentParser(prog="scellst", description="Single-cell expression from H&E histology.")
+    from . import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="scellst",
+        description="Single-cell expression from H&E histology, trained on spot transcriptomics.",
+        epilog="`scellst <command> --help` shows each command's options and examples.",
+    )
+    parser.add_argument("--version", action="version", version=f"scellst {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
+    _train_parser(sub)
+    _predict_parser(sub)
     demo = sub.add_parser("demo", help="run the whole pipeline on the embedded synthetic tissue")
     demo.add_argument("--out", type=Path, default=Path("demo_output"), help="output folder (default: demo_output)")
     demo.add_argument("--seed", type=int, default=0, help="random seed of the tissue and the model")
@@ -109,15 +247,29 @@ def main(argv: list[str] | None = None) -> int:
         help="model to train (default: scellst; cpnn needs a single-cell reference)",
     )
     args = parser.parse_args(argv)
-    if args.command == "demo":
-        run_demo(
-            args.out,
-            seed=args.seed,
-            size_um=(args.size_um, args.size_um),
-            overwrite=args.overwrite,
-            shuffled_control=not args.no_control,
-            model=args.model,
-        )
+    try:
+        if args.command == "train":
+            _run_train(args)
+        elif args.command == "predict":
+            _run_predict(args)
+        elif args.command == "demo":
+            run_demo(
+                args.out,
+                seed=args.seed,
+                size_um=(args.size_um, args.size_um),
+                overwrite=args.overwrite,
+                shuffled_control=not args.no_control,
+                model=args.model,
+            )
+    except (ValueError, FileNotFoundError, FileExistsError, KeyError) as err:
+        # a user's mistake: one clear line, no traceback (SCELLST_DEBUG=1 shows it)
+        import os
+
+        if os.environ.get("SCELLST_DEBUG"):
+            raise
+        message = err.args[0] if isinstance(err, KeyError) and err.args else err
+        sys.stderr.write(f"scellst {args.command}: error: {message}\n")
+        return 2
     return 0
 
 

@@ -24,6 +24,7 @@ __all__ = [
     "data_dir",
     "her2st",
     "synthetic_tissue",
+    "visium_mouse_brain",
     "write_synthetic_xenium",
     "xenium_breast_cells",
 ]
@@ -328,6 +329,42 @@ def data_dir(name: str | None = None, *, path: str | Path | None = None) -> Path
             "to the folder that holds the public datasets."
         )
     return p
+
+
+def visium_mouse_brain(*, path: str | Path | None = None) -> SpatialData:
+    """A real 10x Visium fragment: 49 spots of the V1_Adult_Mouse_Brain H&E crop (squidpy's test fixture).
+
+    ``test_img.jpg`` (950 x 1717 px, about 0.73 um/px: the spot pitch of 100 um spans 137 px) with the raw counts of
+    1,999 genes recovered exactly from the fixture's log-normalised values and the spot centres in that image. Too
+    small to learn much, but real tissue, real spot geometry and real counts: the smallest end-to-end check.
+
+    Parameters
+    ----------
+    path
+        The ``visium_mouse_brain_crop`` folder (default: ``data_dir("visium_mouse_brain_crop")``).
+
+    Returns
+    -------
+    A SpatialData from :func:`scellst.io.from_spots` (``he``, ``spots`` of 55 um, ``spots_counts``).
+    """
+    import pandas as pd
+
+    from .io import from_spots
+
+    folder = data_dir("visium_mouse_brain_crop", path=path)
+    xy = pd.read_csv(folder / "DERIVED_spot_xy_in_test_img.csv", index_col=0)
+    counts = pd.read_csv(folder / "DERIVED_counts_recovered_hvg1999.csv.gz", index_col=0)
+    spot_xy = xy.rename(columns={"x_px": "x", "y_px": "y"})[["x", "y"]]
+    return from_spots(
+        folder / "test_img.jpg",
+        spot_xy=spot_xy,
+        spot_diameter_um=55.0,
+        counts=counts,
+        microns_per_pixel=VISIUM_MOUSE_BRAIN_MPP,
+    )
+
+
+VISIUM_MOUSE_BRAIN_MPP = 100.0 / 137.0  # Visium pitch (100 um) over the nearest-neighbour spot distance in the crop
 
 
 def her2st(section: str, *, path: str | Path | None = None) -> SpatialData:

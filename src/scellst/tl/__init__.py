@@ -6,6 +6,7 @@ from ._embed import embed_cells
 from ._evaluate import cross_validate, evaluate
 from ._metrics import metrics_per_gene
 from ._neighbourhood import neighbourhood_features
+from ._pipeline import SlideRun, prepare_cells, run_predict, run_train
 from ._segmentation_metrics import evaluate_segmentation
 from ._segmentation_tiles import registration_shifts, segmentation_tiles
 from ._segmenter import train_segmenter
@@ -18,6 +19,7 @@ from ._xenium import compare_xenium, match_cells
 __all__ = [
     "CellCrops",
     "SimulatedSpots",
+    "SlideRun",
     "StainNormalizer",
     "benchmark_simulation",
     "cell_crops",
@@ -33,7 +35,10 @@ __all__ = [
     "metrics_per_gene",
     "neighbourhood_features",
     "predict",
+    "prepare_cells",
     "registration_shifts",
+    "run_predict",
+    "run_train",
     "score_cell_types",
     "segmentation_tiles",
     "self_train_segmenter",
