@@ -23,7 +23,8 @@ napoleon_google_docstring = False
 napoleon_numpy_docstring = True
 nb_execution_mode = "off"
 myst_enable_extensions = ["colon_fence", "dollarmath"]
-source_suffix = {".md": "myst-nb", ".ipynb": "myst-nb", ".rst": "restructuredtext"}
+# ".rst" first: autosummary writes its stub pages with the first reST suffix, and MyST would print reST as text
+source_suffix = {".rst": "restructuredtext", ".md": "myst-nb", ".ipynb": "myst-nb"}
 exclude_patterns = ["_build", "**.ipynb_checkpoints"]
 html_theme = "sphinx_book_theme"
 html_title = "scellst"

@@ -72,8 +72,14 @@ def test_expression_plot(predicted, tmp_path):
     from matplotlib.image import imread
 
     out = tmp_path / "expr.png"
-    fig = scellst.pl.expression(predicted, ["EPCAM", "PTPRC"], save=out)
-    assert len(fig.axes) >= 4
+    fig = scellst.pl.expression(predicted, ["EPCAM", "PTPRC"], truth_key="true_expression", save=out)
+    panels = [ax for ax in fig.axes if ax.get_title()]
+    assert [ax.get_title() for ax in panels[:3]] == ["EPCAM: true cells", "EPCAM: measured spots", "EPCAM: predicted cells"]
+    assert len(panels) == 6 and all(ax.get_xlabel() == "x (µm)" for ax in panels)
+    # one colour bar per gene, on the gene's shared scale, and a scale bar in each panel
+    colourbars = [ax for ax in fig.axes if "log1p(CP10k)" in ax.get_ylabel()]
+    assert len(colourbars) == 2
+    assert all(any("µm" in t.get_text() for t in ax.findobj(lambda a: hasattr(a, "get_text"))) for ax in panels)
     img = imread(out)
     assert img.shape[0] > 500
     assert img[..., :3].std() > 0.05

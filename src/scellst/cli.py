@@ -77,7 +77,7 @@ def run_demo(
     with quiet_zarr():
         sdata.write(store)
     genes = [g for g in ("EPCAM", "COL1A1", "PTPRC") if g in trained.genes]
-    pl.expression(sdata, genes, save=out / "expression.png")
+    pl.expression(sdata, genes, truth_key="true_expression", save=out / "expression.png")
     elapsed = time.perf_counter() - t0
 
     _echo("")

@@ -464,7 +464,19 @@ def fit_member(
                     state["stopped"] = True
             state["epoch"] = epoch + 1
             bar.update(1)
-            bar.set_postfix(train=f"{history['train_loss'][-1]:.4f}", val=f"{val:.4f}")
+            bar.set_postfix(
+                train=f"{history['train_loss'][-1]:.4f}",
+                val=f"{val:.4f}",
+                best=f"epoch {state['best_epoch'] + 1}",
+                patience=f"{state['wait']}/{settings.patience}",
+            )
+            if state["stopped"]:
+                # the bar ends full at the stopping epoch and says why, instead of an ETA up to max_epochs
+                bar.total = state["epoch"]
+                bar.set_postfix_str(
+                    f"stopped early: no gain for {settings.patience} epochs, best epoch {state['best_epoch'] + 1}"
+                )
+                bar.refresh()
             if state["epoch"] % settings.checkpoint_every == 0:
                 _save()
     except KeyboardInterrupt:
