@@ -153,7 +153,9 @@ def part_curve(slides, seed: int, *, genes_from: str = "fixed") -> pd.DataFrame:
     curve = df.groupby(["n_sections", "test"])["pearson"].mean().unstack("test")
     curve["mean"] = curve.mean(axis=1)
     curve["train s"] = df.groupby("n_sections")["seconds"].mean()
-    _print(f"Learning curve, genes {genes_from} (mean over the subsets of each size; columns: held-out section):", curve)
+    _print(
+        f"Learning curve, genes {genes_from} (mean over the subsets of each size; columns: held-out section):", curve
+    )
     return df
 
 
@@ -265,8 +267,12 @@ def main() -> None:
     parser.add_argument("--sections", nargs="+", default=["C2", "C3", "C4", "C5"])
     parser.add_argument("--stain-sections", nargs="+", default=None, help="held-out sections of the stain part")
     parser.add_argument("--shifts", nargs="+", default=list(STAIN_SHIFTS))
-    parser.add_argument("--curve-genes", choices=["fixed", "subset"], default="fixed",
-                        help="learning curve: one gene set per held-out section, or genes chosen on each subset")
+    parser.add_argument(
+        "--curve-genes",
+        choices=["fixed", "subset"],
+        default="fixed",
+        help="learning curve: one gene set per held-out section, or genes chosen on each subset",
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 

@@ -74,8 +74,13 @@ def test_expression_plot(predicted, tmp_path):
     out = tmp_path / "expr.png"
     fig = scellst.pl.expression(predicted, ["EPCAM", "PTPRC"], truth_key="true_expression", save=out)
     panels = [ax for ax in fig.axes if ax.get_title()]
-    assert [ax.get_title() for ax in panels[:3]] == ["EPCAM: true cells", "EPCAM: measured spots", "EPCAM: predicted cells"]
-    assert len(panels) == 6 and all(ax.get_xlabel() == "x (µm)" for ax in panels)
+    assert [ax.get_title() for ax in panels[:3]] == [
+        "EPCAM: true cells",
+        "EPCAM: measured spots",
+        "EPCAM: predicted cells",
+    ]
+    assert len(panels) == 6
+    assert all(ax.get_xlabel() == "x (µm)" for ax in panels)
     # one colour bar per gene, on the gene's shared scale, and a scale bar in each panel
     colourbars = [ax for ax in fig.axes if "log1p(CP10k)" in ax.get_ylabel()]
     assert len(colourbars) == 2

@@ -5,6 +5,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Iterable, Mapping
 from contextlib import contextmanager
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
@@ -61,8 +62,10 @@ def get_key(sdata: SpatialData, kind: ElementKind, key: str | None, *, what: str
 
 
 def _default_image_key(sdata: SpatialData) -> str | None:
-    """The full-resolution H&E among several images: ``"he"`` (scellst's readers), else the only image whose
-    microns per pixel are recorded, else ``None`` (ambiguous)."""
+    """The full-resolution H&E among several images.
+
+    ``"he"`` (scellst's readers), else the only image whose microns per pixel are recorded, else ``None`` (ambiguous).
+    """
     from ._constants import Key
 
     if Key.IMAGE in sdata.images:
@@ -250,20 +253,74 @@ def quiet_zarr():
 
 
 def write_element(sdata: SpatialData, key: str, element: Any, *, overwrite: bool, what: str) -> None:
-    """Add an element in place (and to disk for a backed object), refusing silent overwrites."""
+    """Add an element in place (and to disk for a backed object), refusing silent overwrites.
+
+    On a backed object an element that is already on disk is replaced atomically: the new version is written beside
+    it under a temporary name and swapped in by renaming, so a failed or killed write leaves the old one readable.
+    """
     check_writable(sdata, key, overwrite=overwrite)
-    on_disk = False
-    if sdata.is_backed():
-        on_disk = key in _elements_on_disk(sdata)
+    on_disk = sdata.is_backed() and key in _elements_on_disk(sdata)
+    with quiet_zarr():
+        if on_disk:
+            _replace_on_disk(sdata, key, element)
+        else:
+            if key in all_element_names(sdata):
+                del sdata[key]
+            sdata[key] = element
+            if sdata.is_backed():
+                sdata.write_element(key)
+    logger.info(f"Added {what} to sdata[{key!r}]")
+
+
+def _replace_on_disk(sdata: SpatialData, key: str, element: Any) -> None:
+    """Write ``element`` as ``key`` of a backed store without ever deleting the old version before the new is whole."""
+    import shutil
+
+    tmp = f"{key}_scellst_partial"
+    if tmp in all_element_names(sdata):
+        del sdata[tmp]
+    sdata[tmp] = element
+    kind = next(k for k in _KINDS if tmp in getattr(sdata, k))
+    folder = Path(sdata.path) / kind
+    if (folder / tmp).exists():  # left over by a killed write
+        shutil.rmtree(folder / tmp)
+    try:
+        sdata.write_element(tmp)
+    except BaseException:
+        del sdata[tmp]
+        shutil.rmtree(folder / tmp, ignore_errors=True)
+        if sdata.has_consolidated_metadata():
+            sdata.write_consolidated_metadata()
+        raise
+    old = folder / f".{key}.replaced"
+    if old.exists():
+        shutil.rmtree(old)
+    (folder / key).rename(old)
+    (folder / tmp).rename(folder / key)
+    shutil.rmtree(old, ignore_errors=True)
+    del sdata[tmp]
     if key in all_element_names(sdata):
         del sdata[key]
     sdata[key] = element
-    if sdata.is_backed():
-        with quiet_zarr():
-            if on_disk:
-                sdata.delete_element_from_disk(key)
-            sdata.write_element(key)
-    logger.info(f"Added {what} to sdata[{key!r}]")
+    if kind == "labels":
+        _drop_label_name(folder, tmp)
+    if sdata.has_consolidated_metadata():
+        sdata.write_consolidated_metadata()
+
+
+def _drop_label_name(folder: Path, name: str) -> None:
+    """Remove a temporary name from the OME-Zarr list of labels of a store."""
+    import json
+
+    for meta in (folder / "zarr.json", folder / ".zattrs"):
+        if not meta.exists():
+            continue
+        doc = json.loads(meta.read_text())
+        attrs = doc.get("attributes", doc)
+        for holder in (attrs, attrs.get("ome", {})):
+            if isinstance(holder, dict) and isinstance(holder.get("labels"), list) and name in holder["labels"]:
+                holder["labels"] = [n for n in holder["labels"] if n != name]
+                meta.write_text(json.dumps(doc, indent=2))
 
 
 def _elements_on_disk(sdata: SpatialData) -> set[str]:
@@ -322,4 +379,5 @@ def instance_ids(table: AnnData) -> np.ndarray:
 def persist(sdata: SpatialData, key: str) -> None:
     """Rewrite an element that scellst modified in place (new columns) to disk when the object is backed."""
     if sdata.is_backed() and key in _elements_on_disk(sdata):
-        sdata.write_element(key, overwrite=True)
+        with quiet_zarr():
+            _replace_on_disk(sdata, key, sdata[key])

@@ -25,7 +25,9 @@ def _lognorm_table(table, genes: Sequence[str], *, region: str):
     from ..pp._genes import lognorm
 
     attrs = table.uns["spatialdata_attrs"]
-    obs = pd.DataFrame({"region": pd.Categorical([region] * table.n_obs), "instance": table.obs[attrs["instance_key"]].to_numpy()})
+    obs = pd.DataFrame(
+        {"region": pd.Categorical([region] * table.n_obs), "instance": table.obs[attrs["instance_key"]].to_numpy()}
+    )
     obs.index = table.obs_names
     out = ad.AnnData(X=lognorm(table, genes), obs=obs, var=pd.DataFrame(index=list(genes)))
     return TableModel.parse(out, region=region, region_key="region", instance_key="instance")

@@ -239,7 +239,9 @@ def run_train(
     runs, sdatas = [], []
     for name, path, sdata in zip(names, paths, _open(paths, fullres_images, None), strict=True):
         t0 = time.perf_counter()
-        missing = [k for k, kind in ((Key.SPOTS, "shapes"), (Key.SPOTS_COUNTS, "tables")) if k not in getattr(sdata, kind)]
+        missing = [
+            k for k, kind in ((Key.SPOTS, "shapes"), (Key.SPOTS_COUNTS, "tables")) if k not in getattr(sdata, kind)
+        ]
         if missing:
             raise ValueError(
                 f"{str(path)!r} has no {' and no '.join(repr(m) for m in missing)}: training needs spots with counts "
@@ -346,9 +348,13 @@ def run_predict(
         steps.append("predict")
         target = out / f"{name}.zarr"
         write_store(sdata, target, overwrite=overwrite)
-        run = SlideRun(name=name, source=str(path), steps=steps, n_cells=int(sdata.tables[key].n_obs), store=str(target))
+        run = SlideRun(
+            name=name, source=str(path), steps=steps, n_cells=int(sdata.tables[key].n_obs), store=str(target)
+        )
         run.exports = export_cells(sdata, out, name, export, key) if export else []
         run.seconds = time.perf_counter() - t0
         runs.append(run)
-        logger.info(f"[{i + 1}/{len(paths)}] {name}: {run.n_cells:,} cells predicted in {run.seconds:.0f} s -> {target}")
+        logger.info(
+            f"[{i + 1}/{len(paths)}] {name}: {run.n_cells:,} cells predicted in {run.seconds:.0f} s -> {target}"
+        )
     return runs
