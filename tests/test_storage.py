@@ -92,3 +92,15 @@ def test_killed_replacement_leaves_the_old_element_readable(store):
     write_element(sdata, "spots_counts", sdata.tables["spots_counts"].copy(), overwrite=True, what="counts")
     assert not (store / "tables" / "spots_counts_scellst_partial").exists()
     np.testing.assert_array_equal(_counts(store), before)
+
+
+def test_writes_to_a_store_emit_no_zarr_warning(store):
+    """zarr's sharding notice is silenced where scellst writes (it appeared ~45 times per demo run)."""
+    import warnings
+
+    sdata = sd.read_zarr(store)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        write_element(sdata, "spots_counts", sdata.tables["spots_counts"].copy(), overwrite=True, what="counts")
+        write_element(sdata, "spots_copy", sdata.shapes["spots"].copy(), overwrite=False, what="spots")
+    assert not [w for w in caught if "shard" in str(w.message)]

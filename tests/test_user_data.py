@@ -133,3 +133,30 @@ def test_gene_selection_on_a_few_spots_does_not_crash():
     table.var_names = [f"g{i}" for i in range(40)]
     genes = scellst.pp._genes.rank_genes([table], None, flavor="hvg", n_genes=10, min_counts=1)
     assert len(genes) == 10
+
+
+def test_too_few_spots_or_genes_give_clear_errors(processed):
+    sdata = fresh_copy(processed)
+    emb = sdata.tables["nuclei_embeddings"]
+    kept = emb.obs["spot_id"].dropna().astype(str).unique()[:5]
+    emb.obs["spot_id"] = emb.obs["spot_id"].where(emb.obs["spot_id"].astype(str).isin(kept))
+    counts = sdata.tables["spots_counts"]
+    sdata.tables["spots_counts"] = counts[counts.obs["spot_id"].astype(str).isin(kept)].copy()
+    with pytest.raises(ValueError, match="at least 10 are needed"):
+        scellst.tl.train(sdata, max_epochs=2, show_progress_bar=False)
+    with pytest.raises(ValueError, match="No gene passes the filters"):
+        scellst.tl.train(processed, min_gene_counts=10**9, max_epochs=2, show_progress_bar=False)
+
+
+def test_training_bar_ends_at_the_early_stop(processed, capsys):
+    """The bar counts to the epoch where early stopping ended training, not to max_epochs with an ETA of hours."""
+    import re
+
+    scellst.tl.train(processed, n_models=1, max_epochs=1000, patience=3, lr=0.05)
+    final = [part for part in capsys.readouterr().err.split("\r") if "stopped early" in part]
+    assert final, "the bar does not say that training stopped early"
+    done = re.search(r"\| (\d+)/(\d+) ", final[-1])
+    assert done is not None
+    assert done.group(1) == done.group(2)
+    assert int(done.group(2)) < 1000
+    assert "no gain for 3 epochs" in final[-1]
