@@ -45,7 +45,8 @@ def run_demo(
     pp.segment_nuclei(sdata)
     pp.assign_cells(sdata)
     tl.embed_cells(sdata)
-    trained = tl.train(sdata, model=model, seed=seed)
+    n_genes = sdata.tables["spots_counts"].n_vars  # the synthetic tissue has 27 genes: ask for all of them
+    trained = tl.train(sdata, model=model, seed=seed, n_top_genes=n_genes)
     tl.predict(sdata, trained)
     trained.save(out / "model.pt")
     cell_corr = tl.evaluate(sdata, level="cell")
@@ -61,7 +62,7 @@ def run_demo(
         emb = sdata.tables["nuclei_embeddings"]
         original = emb.X.copy()
         emb.X = original[np.random.default_rng(seed).permutation(emb.n_obs)]
-        control = tl.train(sdata, model=model, seed=seed, show_progress_bar=False)
+        control = tl.train(sdata, model=model, seed=seed, n_top_genes=n_genes, show_progress_bar=False)
         tl.predict(sdata, control, key_added="shuffled_expression", spots_key=None)
         emb.X = original
         shuffled = tl.evaluate(sdata, level="cell", predicted_key="shuffled_expression")

@@ -40,7 +40,11 @@ def _gene_values(table, gene: str) -> np.ndarray:
 
 
 def _as_discs(shapes, region_of: str | None = None):
-    """Nuclei (polygons) drawn as discs of equal area: far faster than polygons, and the same picture at slide scale."""
+    """Cells drawn as discs (far faster than polygons at slide scale).
+
+    A disc has the nucleus' area, or reaches half-way to the nearest other cell when that is larger, so that cells
+    stay visible on a whole-tissue panel.
+    """
     import geopandas as gpd
     from spatialdata.models import ShapesModel
     from spatialdata.transformations import get_transformation
@@ -52,6 +56,13 @@ def _as_discs(shapes, region_of: str | None = None):
     else:
         radius = np.sqrt(geom.area.to_numpy() / np.pi)
         centres = geom.centroid.to_numpy()
+    if len(centres) > 1:  # at least half-way to the nearest neighbour, so that small nuclei stay visible
+        import shapely
+        from scipy.spatial import cKDTree
+
+        xy = shapely.get_coordinates(centres)
+        nearest = cKDTree(xy).query(xy, k=2)[0][:, 1]
+        radius = np.maximum(radius, 0.45 * nearest)
     discs = gpd.GeoDataFrame({Col.RADIUS: radius}, geometry=centres, index=shapes.index)
     return ShapesModel.parse(discs, transformations=get_transformation(shapes, get_all=True))
 
