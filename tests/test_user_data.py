@@ -71,6 +71,11 @@ def test_cli_train_then_predict_on_real_slides(data_dir, tmp_path):
 def test_cli_reports_user_errors_in_one_line(tmp_path, capsys):
     assert main(["predict", str(tmp_path / "missing.pt"), str(tmp_path / "x.png"), "--out", str(tmp_path)]) == 2
     assert "error:" in capsys.readouterr().err
+    assert main(["train", str(tmp_path / "missing.zarr"), "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1
+    assert "missing.zarr' does not exist" in err[0]
+    assert not (tmp_path / "run").exists()  # nothing is made before the inputs are checked
 
 
 def test_visium_output_works_with_default_image(data_dir):

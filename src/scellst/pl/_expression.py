@@ -62,7 +62,8 @@ def _as_discs(shapes, region_of: str | None = None):
 
         xy = shapely.get_coordinates(centres)
         nearest = cKDTree(xy).query(xy, k=2)[0][:, 1]
-        radius = np.maximum(radius, 0.45 * nearest)
+        reach = np.minimum(nearest, np.percentile(nearest, 75))  # isolated cells do not grow into large discs
+        radius = np.maximum(radius, 0.45 * reach)
     discs = gpd.GeoDataFrame({Col.RADIUS: radius}, geometry=centres, index=shapes.index)
     return ShapesModel.parse(discs, transformations=get_transformation(shapes, get_all=True))
 

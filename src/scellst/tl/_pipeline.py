@@ -168,6 +168,15 @@ def export_cells(sdata: SpatialData, out: Path, name: str, formats: Sequence[str
     return written
 
 
+def _check_inputs(paths: Sequence[Path]) -> None:
+    """Every input exists, before any output folder is made."""
+    missing = [str(p) for p in paths if not Path(p).exists()]
+    if missing:
+        raise FileNotFoundError(
+            f"{missing[0]!r} does not exist." if len(missing) == 1 else f"Missing inputs: {missing}."
+        )
+
+
 def _open(paths: Sequence[str | Path], images: Sequence[str | Path] | None, mpp: float | None) -> list:
     from ..io import read
 
@@ -229,6 +238,7 @@ def run_train(
     paths = [Path(p) for p in slides]
     if not paths:
         raise ValueError("No slide given.")
+    _check_inputs(paths)
     taken: set[str] = set()
     names = [_slide_name(p, taken) for p in paths]
     if (out / "model.pt").exists() and not overwrite:
@@ -329,6 +339,7 @@ def run_predict(
     paths = [Path(p) for p in slides]
     if not paths:
         raise ValueError("No slide given.")
+    _check_inputs(paths)
     out = Path(out)
     taken: set[str] = set()
     names = [_slide_name(p, taken) for p in paths]
