@@ -15,6 +15,7 @@ sections only, then over the held-out sections. Parts:
 - ``curve``: the learning curve: the default trained on every subset of 1, 2 and 3 of the other sections;
 - ``stain``: the drop when the held-out section is re-coloured or degraded (HED jitter, Macenko to another lab's
   stain, JPEG, blur, rescanning at 0.5 um/px), re-segmented and re-embedded, then predicted by the default;
+  ``--shifts macenko_same_nuclei`` keeps the original nuclei (splits the Macenko drop into segmentation and features);
 - ``stability``: the default trained on C2-C4 with two seeds, per-cell agreement within C5's spots.
 """
 
@@ -178,7 +179,7 @@ def _perturbed_slide(section: str, name: str, target_rgb: np.ndarray):
         out = hed_jitter(rgb, scale=(1.25, 0.8, 1.0), shift=(0.02, -0.02, 0.0))
     elif name == "hed_weak_h":
         out = hed_jitter(rgb, scale=(0.8, 1.25, 1.0), shift=(-0.02, 0.02, 0.0))
-    elif name == "macenko_other_lab":
+    elif name in ("macenko_other_lab", "macenko_same_nuclei"):
         out = macenko_to(rgb, target_rgb)
     elif name == "jpeg_q30":
         out = jpeg(rgb, quality=30)
@@ -198,7 +199,16 @@ def _perturbed_slide(section: str, name: str, target_rgb: np.ndarray):
     new = scellst.io.from_spots(
         out, spot_xy=spots, spot_diameter_um=100.0, counts=counts, microns_per_pixel=mpp / factor
     )
-    scellst.pp.segment_nuclei(new, show_progress_bar=False)
+    if name == "macenko_same_nuclei":  # diagnostic: the original nuclei, so only the cells' features see the stain
+        from spatialdata.models import ShapesModel
+        from spatialdata.transformations import get_transformation
+
+        nuclei = src.shapes["nuclei"]
+        new.shapes["nuclei"] = ShapesModel.parse(
+            nuclei.copy(), transformations=get_transformation(nuclei, get_all=True)
+        )
+    else:
+        scellst.pp.segment_nuclei(new, show_progress_bar=False)
     scellst.pp.assign_cells(new)
     scellst.tl.embed_cells(new, show_progress_bar=False)
     new.write(store)
