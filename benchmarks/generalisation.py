@@ -201,12 +201,8 @@ def _perturbed_slide(section: str, name: str, target_rgb: np.ndarray):
     )
     if name == "macenko_same_nuclei":  # diagnostic: the original nuclei, so only the cells' features see the stain
         from spatialdata.models import ShapesModel
-        from spatialdata.transformations import get_transformation
 
-        nuclei = src.shapes["nuclei"]
-        new.shapes["nuclei"] = ShapesModel.parse(
-            nuclei.copy(), transformations=get_transformation(nuclei, get_all=True)
-        )
+        new.shapes["nuclei"] = ShapesModel.parse(src.shapes["nuclei"].copy())  # keeps its transformations
     else:
         scellst.pp.segment_nuclei(new, show_progress_bar=False)
     scellst.pp.assign_cells(new)
