@@ -154,7 +154,9 @@ def train_ssl(
         history: dict[str, list[float]] = {"loss": [], "seconds": []}
         start_epoch = 0
         if resume and ckpt.exists():
-            state = torch.load(ckpt, map_location=dev, weights_only=True)  # plain data: no code runs on load
+            from ..models._io import load_payload
+
+            state = load_payload(ckpt, what="SSL checkpoint")  # plain data: no code runs on load
             if state["n_cells"] != n_total or state["arch"] != arch:
                 raise ValueError(f"The checkpoint {str(ckpt)!r} belongs to another run (cells or architecture differ).")
             model.load_state_dict(state["model"])

@@ -393,7 +393,9 @@ def fit_member(
     state = {"epoch": 0, "best": np.inf, "best_epoch": 0, "wait": 0, "best_state": None, "stopped": False}
 
     if checkpoint is not None and resume and checkpoint.exists():
-        ck = torch.load(checkpoint, map_location=device, weights_only=True)  # plain data: no code runs on load
+        from ..models._io import load_payload
+
+        ck = load_payload(checkpoint, what="training checkpoint")  # plain data: no code runs on load
         net.load_state_dict(ck["net"])
         opt.load_state_dict(ck["opt"])
         history, state = ck["history"], ck["state"]
