@@ -161,3 +161,15 @@ def test_quantile_scaling_ignores_monotone_stain_changes(model, processed):
     assert np.abs(zscore.predict_cells(changed) - zpred).mean() > 10 * shift
     with pytest.raises(ValueError, match="embedding_scaling"):
         scellst.tl.train(processed, embedding_scaling="rank", **FAST)
+
+
+def test_train_resolves_its_device(processed):
+    """`device="auto"` is the default; a GPU that this torch cannot use is a clear error, not a crash mid-training."""
+    import inspect
+
+    assert inspect.signature(scellst.tl.train).parameters["device"].default == "auto"
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="sees no CUDA GPU"):
+            scellst.tl.train(processed, device="cuda", max_epochs=1, show_progress_bar=False)
+    with pytest.raises(ValueError, match="`device` must be"):
+        scellst.tl.train(processed, device="tpu9", max_epochs=1, show_progress_bar=False)

@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 
 from .._constants import TARGET_SUM, Col, Key
+from .._device import resolve_device
 from .._logging import logger
 from .._utils import (
     apply_affine,
@@ -701,7 +702,7 @@ def train(
     val_fraction: float = 0.15,
     embedding_scaling: Literal["quantile", "slide", "global"] = DEFAULT_SCALING,
     seed: int = 0,
-    device: str = "cpu",
+    device: str = "auto",
     checkpoint_dir: str | Path | None = None,
     resume: bool = False,
     show_progress_bar: bool = True,
@@ -774,7 +775,7 @@ def train(
     seed
         Random seed (weights, batches, validation blocks); the same seed and data give the same model.
     device
-        Torch device, e.g. ``"cpu"`` or ``"cuda"``.
+        ``"auto"`` (a CUDA GPU when torch sees one, else the CPU), ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or ``"mps"``.
     checkpoint_dir
         Folder for per-member checkpoints (written every 10 epochs, on interruption and at the end).
     resume
@@ -837,7 +838,7 @@ def train(
         batch_size=batch_size,
         max_epochs=max_epochs,
         patience=patience,
-        device=device,
+        device=str(resolve_device(device)),
         show_progress_bar=show_progress_bar,
     )
     filters = {
