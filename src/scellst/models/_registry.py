@@ -14,14 +14,46 @@ from typing import Any
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """A registered model: its network, a one-line summary and its default options."""
+    """A registered model: its network, what it needs, and the options it accepts.
+
+    Training and prediction follow these declarations, so a model registered from outside the package is trained,
+    saved, loaded and applied like the built-in ones (register it again before loading its files).
+
+    Attributes
+    ----------
+    name
+        The name passed as ``model=`` to :func:`scellst.tl.train`.
+    network
+        A function returning the ``torch.nn.Module`` class (called lazily, so that importing scellst does not
+        import torch). The class takes ``(config, output_bias=None, output_scale=None)``, reads its options from
+        ``config.options``, and implements ``forward(x, ctx)`` (non-negative per-cell expression) and
+        ``spots(t, spot_idx, cell_index, bag_index)`` (the predictions of a batch of spots; see
+        :mod:`scellst.models._zoo`).
+    summary
+        One line for :func:`available_models` listings and the docs.
+    defaults
+        Default options (``n_models`` and ``lr`` set the ensemble size and learning rate when the user gives none).
+    options
+        Names of the options that ``model_params`` may set (beside the defaults' names).
+    needs_reference
+        The model needs a single-cell reference (``reference=``, ``groupby=``).
+    needs_context
+        The model sees the spot context: ``t`` then holds ``spot_x`` (mean cell features of each spot), ``nb_x``
+        (mean over its ``k_neighbors`` nearest spots, default 7) and ``nbr`` (their indices), and ``forward`` gets
+        the cell's spot context at prediction.
+    """
 
     name: str
     network: Callable[[], type] = field(repr=False)  # returns the nn.Module class (lazy torch import)
     summary: str = ""
     defaults: dict[str, Any] = field(default_factory=dict)
+    options: tuple[str, ...] = ()
     needs_reference: bool = False
     needs_context: bool = False
+
+    def accepted_options(self) -> set[str]:
+        """Option names that ``model_params`` may set."""
+        return (set(self.options) | set(self.defaults)) - {"n_models", "lr"}
 
 
 def _net(name: str) -> Callable[[], type]:
@@ -69,6 +101,7 @@ register_model(
         _net("cpnn"),
         "CPNN: per-cell weights over reference cell types x the types' expression prototypes",
         defaults={"lr": 1e-3, "mixing": "rates"},
+        options=("layer", "mixing"),
         needs_reference=True,
     )
 )
@@ -78,6 +111,7 @@ register_model(
         _net("deepspot2cell"),
         "DeepSpot2Cell: DeepSet over the cell, its spot and the neighbouring spots; ensemble combined by the median",
         defaults={"k_neighbors": 7, "n_models": 3, "ensemble": "median"},
+        options=("k_neighbors", "ensemble"),
         needs_context=True,
     )
 )
@@ -86,7 +120,10 @@ register_model(
         "miso",
         _net("scellst"),  # the student; the teacher is "_miso_teacher"
         "MISO: spot attention over the k nearest spots (per-slide cosine loss), distilled into a per-cell student",
-        defaults={"k_neighbors": 36, "n_heads": 4},
+        defaults={"k_neighbors": 36, "n_heads": 4, "teacher_lr": 1e-3, "teacher_patience": 100},
+        options=("k_neighbors", "n_heads", "teacher_lr", "teacher_patience"),
     )
 )
-register_model(ModelSpec("_miso_teacher", _net("miso_teacher"), "MISO's spot-level attention model"))
+register_model(
+    ModelSpec("_miso_teacher", _net("miso_teacher"), "MISO's spot-level attention model", needs_context=True)
+)

@@ -17,32 +17,18 @@ if TYPE_CHECKING:
 
     from ..models import MILConfig
 
-# options each model accepts in ``model_params`` (beside the common training options)
-MODEL_OPTIONS: dict[str, set[str]] = {
-    "scellst": set(),
-    "cpnn": {"layer", "mixing"},
-    "deepspot2cell": {"k_neighbors", "ensemble"},
-    "miso": {"k_neighbors", "n_heads", "teacher_lr", "teacher_patience"},
-}
-MISO_DEFAULTS = {"teacher_lr": 1e-3, "teacher_patience": 100}
-
 
 def model_options(model: str, model_params: Mapping[str, Any] | None) -> dict[str, Any]:
-    """The registered defaults of ``model`` updated with ``model_params``, validated."""
+    """The registered defaults of ``model`` updated with ``model_params``, validated against its declaration."""
     from ..models._registry import get_model
 
     spec = get_model(model)
     params = dict(model_params or {})
-    allowed = MODEL_OPTIONS.get(model)
-    if allowed is not None:
-        unknown = sorted(set(params) - allowed)
-        if unknown:
-            raise ValueError(
-                f"Unknown option(s) {unknown} for model {model!r}; it accepts {sorted(allowed) or 'none'}."
-            )
+    allowed = spec.accepted_options()
+    unknown = sorted(set(params) - allowed)
+    if unknown:
+        raise ValueError(f"Unknown option(s) {unknown} for model {model!r}; it accepts {sorted(allowed) or 'none'}.")
     opts = {k: v for k, v in spec.defaults.items() if k not in ("n_models", "lr")}
-    if model == "miso":
-        opts.update(MISO_DEFAULTS)
     opts.update(params)
     if "k_neighbors" in opts and int(opts["k_neighbors"]) < 1:
         raise ValueError(f"`k_neighbors` must be at least 1, got {opts['k_neighbors']}.")

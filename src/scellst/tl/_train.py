@@ -333,14 +333,24 @@ def torch_index(idx: np.ndarray, device):
     return torch.from_numpy(np.asarray(idx, dtype=np.int64)).to(device)
 
 
+def _plain(value: Any) -> bool:
+    """Whether a model option is plain data that a model file can hold (no objects, no arrays)."""
+    if isinstance(value, str | bool | int | float) or value is None:
+        return True
+    if isinstance(value, list | tuple):
+        return all(_plain(v) for v in value)
+    return False
+
+
 def context_arrays(config, data: TrainingData) -> dict[str, np.ndarray]:
     """Spot-level inputs of the models that look beyond the cell: spot means and the spot graph (per slide)."""
     from ..models._context import neighbour_means, spot_means, spot_neighbors
+    from ..models._registry import get_model
 
-    if config.architecture not in ("deepspot2cell", "_miso_teacher"):
+    if not get_model(config.architecture).needs_context:
         return {}
     spot_x = spot_means(data.x, data.bags)
-    nbr = spot_neighbors(data.spot_xy, int(config.options["k_neighbors"]), groups=data.slide_of_spot)
+    nbr = spot_neighbors(data.spot_xy, int(config.options.get("k_neighbors", 7)), groups=data.slide_of_spot)
     return {"spot_x": spot_x, "nb_x": neighbour_means(spot_x, nbr), "nbr": nbr}
 
 
@@ -591,7 +601,7 @@ def fit_slides(
         loss=loss,
         nb_parametrization=nb_parametrization,
         architecture="scellst" if model == "miso" else model,
-        options={k: v for k, v in opts.items() if k in ("k_neighbors", "ensemble")},
+        options={k: v for k, v in opts.items() if _plain(v)},  # the network reads its declared options here
     )
     init = None
     if model == "cpnn":
