@@ -12,7 +12,8 @@ from ._encoders import (
     random_encoder,
 )
 from ._losses import COUNT_LOSSES, LOSSES
-from ._mil import MILConfig, ScellstModel, bag_mean, build_network, inverse_softplus
+from ._mil import MILConfig, ScellstModel, build_network, inverse_softplus
+from ._ops import bag_mean
 from ._registry import ModelSpec, available_models, get_model, register_model
 from ._unet import NucleusUNet, UNetConfig, build_unet
 

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from ._losses import COUNT_LOSSES, LOSSES
+from ._ops import bag_mean
 
 FORMAT_VERSION = 3
 _READABLE_VERSIONS = (2, 3)  # format 2 (scellst < 0.4) had no architecture: it is always "scellst"
@@ -62,16 +63,6 @@ def build_network(
 
     network = get_model(config.architecture).network()
     return network(config, output_bias=output_bias, output_scale=output_scale, **init)
-
-
-def bag_mean(cell_out, bag_index, n_bags: int):
-    """Mean of cell predictions within each bag (``bag_index`` gives the bag of each cell)."""
-    import torch
-
-    sums = torch.zeros(n_bags, cell_out.shape[1], dtype=cell_out.dtype, device=cell_out.device)
-    sums.index_add_(0, bag_index, cell_out)
-    counts = torch.bincount(bag_index, minlength=n_bags).clamp(min=1).to(cell_out.dtype)
-    return sums / counts[:, None]
 
 
 EMBEDDING_SCALINGS = ("quantile", "slide", "global")

@@ -13,7 +13,7 @@ import math
 import torch
 from torch import nn
 
-from ._mil import bag_mean
+from ._ops import bag_mean
 
 
 def _mlp(n_in: int, hidden: tuple[int, ...], n_out: int | None, dropout: float) -> nn.Sequential:

@@ -108,7 +108,7 @@ def estimate_threshold(
     """
     from skimage.filters import gaussian, threshold_otsu
 
-    from ..tl._segmenter import resample_rgb
+    from .._utils import resample_rgb
 
     work = max(working_mpp or microns_per_pixel, microns_per_pixel)
     values = []
@@ -140,7 +140,7 @@ def nucleus_scale_um(arr, *, microns_per_pixel: float, n_patches: int = 8, seed:
     """
     from scipy import ndimage as ndi
 
-    from ..tl._segmenter import resample_rgb
+    from .._utils import resample_rgb
 
     try:
         boxes = tissue_boxes(arr, microns_per_pixel=microns_per_pixel, n_patches=n_patches, seed=seed)
@@ -375,7 +375,7 @@ def _polygons_from_labels(
 
 
 def _process_tile(data, core, to_level0, residual, segmenter, params):
-    from ..tl._segmenter import resample_rgb
+    from .._utils import resample_rgb
 
     rgb = resample_rgb(to_rgb_uint8(np.asarray(data)), residual)
     labels, classes = segmenter(rgb)

@@ -16,6 +16,19 @@ if TYPE_CHECKING:
     from anndata import AnnData
 
     from ..models import MILConfig
+    from ._train import TrainingData
+
+
+def context_arrays(config, data: TrainingData) -> dict[str, np.ndarray]:
+    """Spot-level inputs of the models that look beyond the cell: spot means and the spot graph (per slide)."""
+    from ..models._context import neighbour_means, spot_means, spot_neighbors
+    from ..models._registry import get_model
+
+    if not get_model(config.architecture).needs_context:
+        return {}
+    spot_x = spot_means(data.x, data.bags)
+    nbr = spot_neighbors(data.spot_xy, int(config.options.get("k_neighbors", 7)), groups=data.slide_of_spot)
+    return {"spot_x": spot_x, "nb_x": neighbour_means(spot_x, nbr), "nbr": nbr}
 
 
 def model_options(model: str, model_params: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -170,7 +183,6 @@ def fit_miso_teachers(config: MILConfig, data, *, members_fn, opts, settings) ->
     import torch
 
     from ..models import build_network
-    from ._train import context_arrays
 
     teacher_cfg = replace(
         config,

@@ -9,41 +9,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from .._logging import logger
-
-
-def resample_rgb(rgb: np.ndarray, factor: float) -> np.ndarray:
-    """Resample an RGB image by ``1 / factor`` (``factor > 1`` downscales).
-
-    Integer factors take block means (``ceil(size / factor)`` pixels along each axis; a partial last block is
-    completed with copies of its edge pixels); other downscaling is anti-aliased (a triangle filter as wide as the factor) and
-    upsampling (``factor < 1``) bilinear, to ``round(size / factor)`` pixels.
-    """
-    if abs(factor - 1) < 1e-3:
-        return rgb
-    if abs(factor - round(factor)) < 1e-3:
-        k = int(round(factor))
-        h, w = rgb.shape[:2]
-        # a partial last block is padded with its own edge pixels (zeros would darken it into a false nucleus)
-        padded = np.pad(rgb, ((0, -h % k), (0, -w % k), (0, 0)), mode="edge").astype(np.float32)
-        out = padded.reshape(padded.shape[0] // k, k, padded.shape[1] // k, k, -1).mean(axis=(1, 3))
-        return np.clip(np.round(out), 0, 255).astype(np.uint8)
-    import torch
-
-    h, w = rgb.shape[:2]
-    size = (max(int(round(h / factor)), 1), max(int(round(w / factor)), 1))
-    x = torch.from_numpy(np.ascontiguousarray(np.moveaxis(rgb, -1, 0), dtype=np.float32))[None]
-    # torch's anti-aliased resize: about 10x faster than skimage's Gaussian + warp on 2 cores
-    y = torch.nn.functional.interpolate(x, size=size, mode="bilinear", antialias=factor > 1, align_corners=False)
-    return y[0].round_().clamp_(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
-
-
-def resample_labels(labels: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    """Nearest-neighbour resampling of a label image to ``shape``."""
-    if labels.shape == tuple(shape):
-        return labels
-    ys = np.minimum((np.arange(shape[0]) + 0.5) * labels.shape[0] / shape[0], labels.shape[0] - 1).astype(int)
-    xs = np.minimum((np.arange(shape[1]) + 0.5) * labels.shape[1] / shape[1], labels.shape[1] - 1).astype(int)
-    return labels[np.ix_(ys, xs)]
+from .._utils import resample_labels, resample_rgb
 
 
 def _targets(labels: np.ndarray, *, hv: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:

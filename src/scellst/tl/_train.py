@@ -26,6 +26,7 @@ from .._utils import (
     write_element,
 )
 from ..pp._genes import library_size, lognorm, rank_genes
+from ._models import context_arrays
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -340,18 +341,6 @@ def _plain(value: Any) -> bool:
     if isinstance(value, list | tuple):
         return all(_plain(v) for v in value)
     return False
-
-
-def context_arrays(config, data: TrainingData) -> dict[str, np.ndarray]:
-    """Spot-level inputs of the models that look beyond the cell: spot means and the spot graph (per slide)."""
-    from ..models._context import neighbour_means, spot_means, spot_neighbors
-    from ..models._registry import get_model
-
-    if not get_model(config.architecture).needs_context:
-        return {}
-    spot_x = spot_means(data.x, data.bags)
-    nbr = spot_neighbors(data.spot_xy, int(config.options.get("k_neighbors", 7)), groups=data.slide_of_spot)
-    return {"spot_x": spot_x, "nb_x": neighbour_means(spot_x, nbr), "nbr": nbr}
 
 
 def _output_init(config, data: TrainingData, train_idx: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
