@@ -102,8 +102,8 @@ class DeepSpot2CellNet(_Head):
     """DeepSpot2Cell: a DeepSet per cell over (cell, its spot's mean embedding, the neighbouring spots' mean).
 
     Each of the three inputs has its own encoder; their outputs are concatenated and decoded to the cell's
-    expression; the cells of a spot are combined as in sCellST (mean in log-normalised space, summed rates for the
-    count losses, whose size factor is the spot's library size).
+    expression; the cells of a spot are averaged as in sCellST (the mean of log-normalised values for the MSE and
+    cosine losses, the mean rate for the count losses, which the loss scales by the spot's library size).
     """
 
     needs_context = True

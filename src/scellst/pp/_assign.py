@@ -67,8 +67,9 @@ def assign_cells(
 
     Positions are compared in the spots' intrinsic frame, through a coordinate system that the nuclei and spots
     share, so images and spots at different resolutions (e.g. Visium hires vs full-res) are handled. A nucleus whose
-    centroid lies within a spot's radius (or inside a spot polygon) belongs to it; the nearest spot wins where
-    spots overlap.
+    centroid lies within a spot's radius (or inside a spot polygon) belongs to it. Where circles overlap, the
+    nearest spot centre wins; where polygons overlap, the first polygon of the spot table that contains the
+    centroid wins.
 
     Parameters
     ----------

@@ -276,7 +276,7 @@ def segment_tile(rgb: np.ndarray, *, microns_per_pixel: float, threshold: float,
 
 
 class ClassicalSegmenter:
-    """Colour deconvolution, one global threshold, distance-transform watershed; at ``working_mpp``."""
+    """Colour deconvolution, one global threshold, blob seeds and a watershed of the haematoxylin; at ``working_mpp``."""
 
     class_names: tuple[str, ...] = ()
 
@@ -495,7 +495,9 @@ def segment_nuclei(
     Methods
     -------
     - ``"classical"`` (default, offline): colour deconvolution to haematoxylin, one Otsu threshold estimated on
-      tissue patches, a morphological clean-up, and a distance-transform watershed that splits touching nuclei.
+      tissue patches, a morphological clean-up, one seed per nucleus from a Laplacian-of-Gaussian blob filter, a
+      watershed of the haematoxylin from the seeds that splits touching nuclei, and a local re-threshold of each
+      nucleus (see :func:`segment_tile`).
     - a path to a model from :func:`scellst.tl.train_segmenter` (or the model object): a U-Net predicting
       foreground and a distance map, separated by watershed; class-aware models add a ``class`` column.
     - ``"stardist"``, ``"cellpose"``, ``"instanseg"``: optional backends (install the matching extra) with a local
