@@ -218,3 +218,28 @@ def test_registration_shifts_map_a_rotated_registration(tissue, tmp_path, caplog
     # registered exactly: nothing to mend
     exact = scellst.io.xenium(folder, he_image=he, alignment=good)
     assert scellst.tl.registration_shifts(exact, "xenium_nuclei", tile_um=150)["shift_um"].median() < 0.5
+
+
+def test_xenium_nuclei_share_one_convention(xenium_he, tmp_path):
+    """`read_nuclei(format="xenium")` on an `io.xenium` object puts the outlines where `io.xenium` put them."""
+    import pandas as pd
+    from spatialdata.transformations import get_transformation
+
+    nuclei = xenium_he.shapes["xenium_nuclei"]
+    rows = [
+        {"cell_id": cid, "vertex_x": x, "vertex_y": y}
+        for cid, poly in zip(nuclei.index[:50], nuclei.geometry.iloc[:50], strict=True)
+        for x, y in poly.exterior.coords
+    ]
+    path = tmp_path / "nucleus_boundaries.csv"
+    pd.DataFrame(rows).to_csv(path, index=False)
+    sdata = xenium_he
+    scellst.io.read_nuclei(sdata, path, format="xenium", key_added="imported_xenium", overwrite=True)
+    imported = sdata.shapes["imported_xenium"]
+    assert get_transformation(imported, "global") == get_transformation(nuclei, "global")
+    np.testing.assert_allclose(
+        np.array([g.centroid.coords[0] for g in imported.geometry]),
+        np.array([g.centroid.coords[0] for g in nuclei.geometry.iloc[:50]]),
+        atol=1e-6,
+    )
+    del sdata.shapes["imported_xenium"]

@@ -35,6 +35,7 @@ class Attr:
     ROOT = "scellst"  # sdata.attrs["scellst"] and table.uns["scellst"]
     MICRONS_PER_PIXEL = "microns_per_pixel"  # sdata.attrs["scellst"]["microns_per_pixel"][image_key]
     SHAPES_SOURCE = "shapes_source"  # sdata.attrs["scellst"]["shapes_source"][shapes_key] = image_key
+    XENIUM = "xenium"  # sdata.attrs["scellst"]["xenium"]["pixel_size_um"]: `global` is in Xenium pixels
 
 
 VISIUM_SPOT_DIAMETER_UM = 55.0

@@ -12,7 +12,15 @@ import pandas as pd
 
 from .._constants import Attr, Col, Key
 from .._logging import logger
-from .._utils import check_writable, get_key, get_microns_per_pixel, image_level0, record_attr, write_element
+from .._utils import (
+    check_writable,
+    get_key,
+    get_microns_per_pixel,
+    image_level0,
+    record_attr,
+    scellst_attrs,
+    write_element,
+)
 
 if TYPE_CHECKING:
     from spatialdata import SpatialData
@@ -123,6 +131,20 @@ def _from_labels(labels: np.ndarray) -> tuple[list, list, list]:
     return geoms, [None] * len(geoms), ids
 
 
+def xenium_to_global(sdata: SpatialData) -> dict:
+    """The transformation of Xenium micron coordinates into ``global``: one convention for every Xenium reader.
+
+    In an object from :func:`scellst.io.xenium`, ``global`` is in Xenium morphology pixels (as in spatialdata-io):
+    ``Scale(1 / pixel_size)``. In scellst's other readers ``global`` is in microns: ``Identity``.
+    """
+    from spatialdata.transformations import Identity, Scale
+
+    pixel_size = scellst_attrs(sdata).get(Attr.XENIUM, {}).get("pixel_size_um")
+    if pixel_size is None:
+        return {"global": Identity()}
+    return {"global": Scale([1.0 / float(pixel_size)] * 2, axes=("x", "y"))}
+
+
 def read_nuclei(
     sdata: SpatialData,
     path: str | Path | np.ndarray,
@@ -165,7 +187,7 @@ def read_nuclei(
     """
     import geopandas as gpd
     from spatialdata.models import ShapesModel
-    from spatialdata.transformations import Identity, get_transformation
+    from spatialdata.transformations import get_transformation
 
     check_writable(sdata, key_added, overwrite=overwrite)
     image_key = get_key(sdata, "images", image_key, what="H&E image")
@@ -225,7 +247,7 @@ def read_nuclei(
     )
     if fmt == "xenium":
         gdf["area_um2"] = gdf.geometry.area.to_numpy()
-        transformations = transformations or {"global": Identity()}
+        transformations = transformations or xenium_to_global(sdata)
     else:
         gdf["area_um2"] = gdf.geometry.area.to_numpy() * get_microns_per_pixel(sdata, image_key) ** 2
         transformations = transformations or get_transformation(sdata.images[image_key], get_all=True)

@@ -9,9 +9,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from .._constants import Col
+from .._constants import Attr, Col
 from .._logging import logger
-from .._utils import set_microns_per_pixel
+from .._utils import record_attr, set_microns_per_pixel
 
 if TYPE_CHECKING:
     from spatialdata import SpatialData
@@ -211,6 +211,7 @@ def xenium(
         set_transformation(img, Affine(m, input_axes=("x", "y"), output_axes=("x", "y")), to_coordinate_system="global")
         images[image_key] = img
     sdata = SpatialData(images=images, shapes=shapes, tables={table_key: table})
+    record_attr(sdata, Attr.XENIUM, "pixel_size_um", float(pixel_size))  # read_nuclei(format="xenium") follows it
     if he_mpp is not None:
         set_microns_per_pixel(sdata, image_key, microns_per_pixel=he_mpp)
     logger.info(
