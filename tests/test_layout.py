@@ -132,3 +132,20 @@ def test_the_rules_see_lazy_imports_and_cycles():
     graph = _graph()
     assert "scellst.models._registry" in graph["scellst.models._mil"]  # imported inside a function
     assert _cycles({"a": {"b"}, "b": {"a"}, "c": {"a"}}) == [["a", "b"]]
+
+
+def test_element_keys_live_in_constants():
+    """Default element names and the attribute root are written once, in `_constants.py`."""
+    import re
+
+    literal = re.compile(
+        r'(uns|attrs)\["scellst"\]|obs\["predicted_type"\]|= "(he|xenium_cells|xenium_nuclei|xenium_table)"'
+    )
+    offenders = [
+        f"{path.relative_to(ROOT)}:{n}"
+        for path in ROOT.rglob("*.py")
+        if path.name != "_constants.py"
+        for n, line in enumerate(path.read_text().splitlines(), start=1)
+        if literal.search(line)
+    ]
+    assert offenders == []

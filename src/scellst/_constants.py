@@ -16,6 +16,9 @@ class Key:
     EXPRESSION_SUFFIX = "_expression"
     TRUE_CELLS = "true_cells"
     TRUE_EXPRESSION = "true_expression"
+    XENIUM_CELLS = "xenium_cells"
+    XENIUM_NUCLEI = "xenium_nuclei"
+    XENIUM_TABLE = "xenium_table"
 
 
 class Col:
@@ -27,6 +30,7 @@ class Col:
     CELL_TYPE = "cell_type"
     RADIUS = "radius"
     N_CELLS = "n_cells"
+    PREDICTED_TYPE = "predicted_type"
 
 
 class Attr:

@@ -11,7 +11,15 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
-from ._constants import ST_SPOT_DIAMETER_UM, ST_SPOT_PITCH_UM, VISIUM_SPOT_DIAMETER_UM, VISIUM_SPOT_PITCH_UM, Col, Key
+from ._constants import (
+    ST_SPOT_DIAMETER_UM,
+    ST_SPOT_PITCH_UM,
+    VISIUM_SPOT_DIAMETER_UM,
+    VISIUM_SPOT_PITCH_UM,
+    Attr,
+    Col,
+    Key,
+)
 from ._logging import logger
 
 if TYPE_CHECKING:
@@ -419,7 +427,7 @@ def her2st(section: str, *, path: str | Path | None = None) -> SpatialData:
     table = sdata.tables[Key.SPOTS_COUNTS]
     table.obs["array_x"] = spots["x"].to_numpy()
     table.obs["array_y"] = spots["y"].to_numpy()
-    table.uns["scellst"]["section"] = section
+    table.uns[Attr.ROOT]["section"] = section
     deconv_file = root / "deconv" / f"{section}-proportion.tsv"
     if deconv_file.exists():
         deconv = pd.read_csv(deconv_file, sep="\t", index_col=0).reindex(shared)

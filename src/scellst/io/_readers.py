@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from .._constants import VISIUM_SPOT_DIAMETER_UM, Col, Key
+from .._constants import VISIUM_SPOT_DIAMETER_UM, Attr, Col, Key
 from .._logging import logger
 from .._utils import set_microns_per_pixel
 
@@ -322,7 +322,7 @@ def from_spots(
     adata.obs[Col.REGION] = pd.Categorical([spots_key] * n)
     adata.obs[Col.SPOT_ID] = ids
     adata.obsm["spatial"] = xy
-    adata.uns["scellst"] = {"spot_diameter_um": float(spot_diameter_um)}
+    adata.uns[Attr.ROOT] = {"spot_diameter_um": float(spot_diameter_um)}
     table = TableModel.parse(adata, region=spots_key, region_key=Col.REGION, instance_key=Col.SPOT_ID)
 
     sdata = SpatialData(images={image_key: image_el}, shapes={spots_key: shapes}, tables={table_key: table})
@@ -463,7 +463,7 @@ def visium(
         del table.obs[instance_key]
     table.obs[Col.REGION] = pd.Categorical([spots_key] * table.n_obs)
     del table.uns["spatialdata_attrs"]
-    table.uns["scellst"] = {"spot_diameter_um": VISIUM_SPOT_DIAMETER_UM, "dataset_id": dataset_id}
+    table.uns[Attr.ROOT] = {"spot_diameter_um": VISIUM_SPOT_DIAMETER_UM, "dataset_id": dataset_id}
     table = TableModel.parse(table, region=spots_key, region_key=Col.REGION, instance_key=Col.SPOT_ID)
 
     sdata = SpatialData(images=new_images, shapes={spots_key: spots}, tables={table_key: table})

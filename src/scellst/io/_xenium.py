@@ -9,16 +9,16 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from .._constants import Attr, Col
+from .._constants import Attr, Col, Key
 from .._logging import logger
 from .._utils import record_attr, set_microns_per_pixel
 
 if TYPE_CHECKING:
     from spatialdata import SpatialData
 
-XENIUM_CELLS = "xenium_cells"
-XENIUM_NUCLEI = "xenium_nuclei"
-XENIUM_TABLE = "xenium_table"
+XENIUM_CELLS = Key.XENIUM_CELLS
+XENIUM_NUCLEI = Key.XENIUM_NUCLEI
+XENIUM_TABLE = Key.XENIUM_TABLE
 _CONTROL_PREFIXES = ("NegControl", "BLANK", "Unassigned", "antisense", "DeprecatedCodeword", "Intergenic")
 
 
@@ -73,7 +73,7 @@ def xenium(
     he_image: Any = None,
     alignment: Any = None,
     pixel_size: float | None = None,
-    image_key: str = "he",
+    image_key: str = Key.IMAGE,
     cells_key: str = XENIUM_CELLS,
     nuclei_key: str = XENIUM_NUCLEI,
     table_key: str = XENIUM_TABLE,
@@ -182,7 +182,7 @@ def xenium(
         index=ids.astype(str),
     )
     counts.obsm["spatial"] = xy
-    counts.uns["scellst"] = {"source": str(folder), "pixel_size_um": pixel_size, "units": "microns"}
+    counts.uns[Attr.ROOT] = {"source": str(folder), "pixel_size_um": pixel_size, "units": "microns"}
     table = TableModel.parse(
         ad.AnnData(
             X=counts.X,
@@ -355,7 +355,7 @@ def add_cells(
     obs = pd.DataFrame({"cell_id": pd.Categorical(ids), Col.REGION: pd.Categorical([key_added] * len(ids))}, index=ids)
     table = ad.AnnData(X=cells.X, obs=obs, var=pd.DataFrame(index=cells.var_names.astype(str)))
     table.obsm["spatial"] = np.column_stack([cols, rows])
-    table.uns["scellst"] = {"on_tissue_fraction": frac, "image_key": image_key}
+    table.uns[Attr.ROOT] = {"on_tissue_fraction": frac, "image_key": image_key}
     table = TableModel.parse(table, region=key_added, region_key=Col.REGION, instance_key="cell_id")
     write_element(sdata, key_added, shapes, overwrite=overwrite, what=f"{len(ids):,} cells ({frac:.0%} on tissue)")
     write_element(sdata, table_key, table, overwrite=overwrite, what=f"{table.n_obs:,} cells x {table.n_vars} genes")

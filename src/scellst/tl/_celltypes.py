@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
-from .._constants import TARGET_SUM, Key
+from .._constants import TARGET_SUM, Col, Key
 from .._logging import logger
 from .._utils import get_key, write_element
 
@@ -85,7 +85,7 @@ def score_cell_types(
     table_key: str | None = None,
     shapes_key: str = Key.NUCLEI,
     key_prefix: str = "score_",
-    key_added: str = "predicted_type",
+    key_added: str = Col.PREDICTED_TYPE,
     min_markers: int = 3,
     seed: int = 0,
 ) -> None:
@@ -183,7 +183,7 @@ def compare_cell_types(
     predicted: AnnData,
     reference: AnnData,
     *,
-    predicted_groupby: str = "predicted_type",
+    predicted_groupby: str = Col.PREDICTED_TYPE,
     reference_groupby: str = "cell_type",
     mapping: Mapping[str, str] | None = None,
 ) -> pd.DataFrame:

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 import pandas as pd
 
-from .._constants import Col, Key
+from .._constants import Attr, Col, Key
 from .._logging import logger
 from .._utils import (
     affine_scale,
@@ -366,7 +366,7 @@ def _write_table(sdata, shapes_key, x, var_names, *, key_added, overwrite, uns) 
         obs[Col.SPOT_ID] = pd.Categorical(nuclei[Col.SPOT_ID].to_numpy())
     adata = ad.AnnData(X=np.asarray(x, dtype=np.float32), obs=obs, var=pd.DataFrame(index=list(var_names)))
     adata.obsm["spatial"] = shapes_centroids(nuclei)
-    adata.uns["scellst"] = uns
+    adata.uns[Attr.ROOT] = uns
     table = TableModel.parse(adata, region=shapes_key, region_key=Col.REGION, instance_key=Col.CELL_ID)
     write_element(sdata, key_added, table, overwrite=overwrite, what=f"{table.n_obs:,} cells x {table.n_vars} features")
 

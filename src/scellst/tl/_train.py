@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 import pandas as pd
 
-from .._constants import TARGET_SUM, Col, Key
+from .._constants import TARGET_SUM, Attr, Col, Key
 from .._device import resolve_device
 from .._logging import logger
 from .._utils import (
@@ -980,11 +980,11 @@ def predict(
     if model.cell_types:  # CPNN: the per-cell composition over the reference types
         weights = model.predict_type_weights(features, batch_size=batch_size)
         table.obsm["cell_type_weights"] = pd.DataFrame(weights, index=table.obs_names, columns=model.cell_types)
-        table.obs["predicted_type"] = pd.Categorical(
+        table.obs[Col.PREDICTED_TYPE] = pd.Categorical(
             np.asarray(model.cell_types)[weights.argmax(axis=1)], categories=model.cell_types
         )
     table.obsm["spatial"] = np.asarray(emb.obsm["spatial"])
-    table.uns["scellst"] = provenance(
+    table.uns[Attr.ROOT] = provenance(
         model.params,
         function="predict",
         units="log1p(counts / total * 1e4)",
@@ -1010,7 +1010,7 @@ def predict(
                 index=pd.Index(ids),
             )
             spot_adata = ad.AnnData(X=spot_values.astype(np.float32), obs=sobs, var=pd.DataFrame(index=model.genes))
-            spot_adata.uns["scellst"] = provenance({}, function="predict", units="log1p(counts / total * 1e4)")
+            spot_adata.uns[Attr.ROOT] = provenance({}, function="predict", units="log1p(counts / total * 1e4)")
             spot_table = TableModel.parse(spot_adata, region=spots_key, region_key=Col.REGION, instance_key=Col.SPOT_ID)
 
     write_element(sdata, key_added, table, overwrite=overwrite, what=f"{table.n_obs:,} cells x {table.n_vars} genes")

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
-from .._constants import TARGET_SUM, Col, Key
+from .._constants import TARGET_SUM, Attr, Col, Key
 from .._logging import logger
 from .._utils import (
     apply_affine,
@@ -53,7 +53,7 @@ def compare_xenium(
     *,
     predicted_key: str | None = None,
     shapes_key: str = Key.NUCLEI,
-    xenium_table_key: str = "xenium_table",
+    xenium_table_key: str = Key.XENIUM_TABLE,
     max_distance_um: float = 5.0,
     key_added: str = "xenium_comparison",
     overwrite: bool = False,
@@ -171,7 +171,7 @@ def compare_xenium(
     )
     out = ad.AnnData(X=m, obs=obs, var=df.reset_index(drop=True).set_index(pd.Index(genes)).astype(float))
     out.layers["predicted"] = p
-    out.uns["scellst"] = provenance(
+    out.uns[Attr.ROOT] = provenance(
         {"max_distance_um": max_distance_um, **{k: float(v) for k, v in df.attrs.items()}},
         function="compare_xenium",
         predicted_key=predicted_key,
