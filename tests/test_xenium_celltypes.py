@@ -99,8 +99,10 @@ def test_marker_genes_and_cell_type_scores(processed, model):
     assert (df["pearson_centred"] > 0.5).mean() >= 0.6
     with pytest.raises(KeyError, match="no column"):
         scellst.tl.compare_cell_types(pred, truth, reference_groupby="type")
+    with pytest.raises(ValueError, match="already holds cell-type columns"):
+        scellst.tl.score_cell_types(sdata, markers)  # scores are never replaced silently
     with pytest.raises(ValueError, match="enough predicted marker"):
-        scellst.tl.score_cell_types(sdata, {"x": ["NOPE1", "NOPE2", "NOPE3"]})
+        scellst.tl.score_cell_types(sdata, {"x": ["NOPE1", "NOPE2", "NOPE3"]}, overwrite=True)
 
 
 def _non_blank(path) -> None:

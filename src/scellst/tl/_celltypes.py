@@ -88,6 +88,7 @@ def score_cell_types(
     key_added: str = Col.PREDICTED_TYPE,
     min_markers: int = 3,
     seed: int = 0,
+    overwrite: bool = False,
 ) -> None:
     """Score every predicted cell for each cell type from its marker genes, and call the best-scoring type.
 
@@ -113,6 +114,8 @@ def score_cell_types(
         Minimum predicted markers for a type to be scored.
     seed
         Random seed of scanpy's control-gene sampling.
+    overwrite
+        Replace the columns of an earlier scoring (refused otherwise).
 
     Returns
     -------
@@ -123,6 +126,12 @@ def score_cell_types(
 
     table_key = get_key(sdata, "tables", table_key or f"{shapes_key}{Key.EXPRESSION_SUFFIX}", what="predicted table")
     table = sdata.tables[table_key]
+    earlier = [c for c in table.obs.columns if c == key_added or c in {f"{key_prefix}{t}" for t in markers}]
+    if earlier and not overwrite:
+        raise ValueError(
+            f"The table {table_key!r} already holds cell-type columns {earlier[:5]}; pass `overwrite=True` to replace "
+            "them, or another `key_prefix` / `key_added`."
+        )
     pred = np.clip(_dense(table.X), 0, None)
     counts = np.expm1(pred)  # predictions are log1p of counts per 10,000
     norm = np.log1p(counts / np.maximum(counts.sum(axis=1, keepdims=True), 1e-8) * TARGET_SUM)
