@@ -173,3 +173,7 @@ def test_train_resolves_its_device(processed):
             scellst.tl.train(processed, device="cuda", max_epochs=1, show_progress_bar=False)
     with pytest.raises(ValueError, match="`device` must be"):
         scellst.tl.train(processed, device="tpu9", max_epochs=1, show_progress_bar=False)
+    assert inspect.signature(scellst.tl.predict).parameters["device"].default == "auto"
+    model = scellst.tl.train(processed, n_models=1, max_epochs=2, show_progress_bar=False)
+    with pytest.raises(ValueError, match="`device` must be"):
+        scellst.tl.predict(fresh_copy(processed), model, device="tpu9")

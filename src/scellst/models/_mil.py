@@ -251,31 +251,37 @@ class ScellstModel:
             yield 0, n, self.standardize(features, stats), None
 
     def predict_cells(
-        self, features, *, context=None, batch_size: int = 65536, return_std: bool = False
+        self, features, *, context=None, batch_size: int = 65536, return_std: bool = False, device: Any = "cpu"
     ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
         """Per-cell expression (cells x genes, log-normalised units) from the raw features of one slide.
 
         ``features`` may be a numpy array or a dask array; a dask array is streamed block by block (after one pass
         for the slide statistics), so the features of all cells are never in memory at once (models that need a
         spot context read them once). ``context`` (a :class:`scellst.models.SpotContext`: the cells' spots and/or
-        positions) is needed by DeepSpot2Cell. Cells go through the network in batches of ``batch_size``; with
-        ``return_std`` the spread (standard deviation) across ensemble members is returned too.
+        positions) is needed by DeepSpot2Cell. Cells go through the network in batches of ``batch_size`` on
+        ``device`` (a torch device or its name; the networks return to the CPU afterwards); with ``return_std`` the
+        spread (standard deviation) across ensemble members is returned too.
         """
         import torch
 
         n, g = features.shape[0], len(self.genes)
         mean = np.empty((n, g), dtype=np.float32)
         std = np.zeros((n, g), dtype=np.float32) if return_std else None
-        nets = self.networks
-        with torch.no_grad():
-            for b0, b1, x, ctx in self._blocks(features, context):
-                for start in range(0, b1 - b0, batch_size):
-                    xb = torch.from_numpy(x[start : start + batch_size])
-                    cb = None if ctx is None else torch.from_numpy(ctx[start : start + batch_size])
-                    outs = np.stack([self._to_lognorm(net(xb, cb).numpy()) for net in nets])
-                    mean[b0 + start : b0 + start + len(xb)] = self._combine(outs)
-                    if return_std:
-                        std[b0 + start : b0 + start + len(xb)] = outs.std(axis=0)
+        dev = torch.device(device)
+        nets = [net.to(dev) for net in self.networks]
+        try:
+            with torch.no_grad():
+                for b0, b1, x, ctx in self._blocks(features, context):
+                    for start in range(0, b1 - b0, batch_size):
+                        xb = torch.from_numpy(x[start : start + batch_size]).to(dev)
+                        cb = None if ctx is None else torch.from_numpy(ctx[start : start + batch_size]).to(dev)
+                        outs = np.stack([self._to_lognorm(net(xb, cb).cpu().numpy()) for net in nets])
+                        mean[b0 + start : b0 + start + len(xb)] = self._combine(outs)
+                        if return_std:
+                            std[b0 + start : b0 + start + len(xb)] = outs.std(axis=0)
+        finally:
+            for net in nets:
+                net.cpu()
         return (mean, std) if return_std else mean
 
     def predict_type_weights(self, features, *, batch_size: int = 65536) -> np.ndarray:

@@ -910,6 +910,7 @@ def predict(
     spots_key: str | None = Key.SPOTS,
     spots_key_added: str = Key.SPOTS_PREDICTED,
     batch_size: int = 65536,
+    device: str = "auto",
     overwrite: bool = False,
 ) -> None:
     """Predict the expression of every cell and write it back as a table annotating the nucleus shapes.
@@ -936,6 +937,8 @@ def predict(
         Name of the spot-level prediction table.
     batch_size
         Cells per forward pass.
+    device
+        ``"auto"`` (a CUDA GPU when torch sees one, else the CPU), ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or ``"mps"``.
     overwrite
         Replace existing tables with the same names.
 
@@ -967,10 +970,13 @@ def predict(
     model.check_compatible(list(emb.var_names), method)
     features = np.asarray(emb.X)
     context = _spot_context(sdata, emb, shapes_key, spots_key) if model.needs_context or model.teachers else None
+    dev = resolve_device(device)
     if model.n_models > 1:
-        values, spread = model.predict_cells(features, context=context, batch_size=batch_size, return_std=True)
+        values, spread = model.predict_cells(
+            features, context=context, batch_size=batch_size, return_std=True, device=dev
+        )
     else:
-        values, spread = model.predict_cells(features, context=context, batch_size=batch_size), None
+        values, spread = model.predict_cells(features, context=context, batch_size=batch_size, device=dev), None
 
     obs = emb.obs[[c for c in (Col.CELL_ID, Col.SPOT_ID) if c in emb.obs]].copy()
     obs[Col.REGION] = pd.Categorical([shapes_key] * emb.n_obs)
