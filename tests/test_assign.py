@@ -75,3 +75,7 @@ def test_assign_cells_errors(processed):
         scellst.pp.assign_cells(sdata, spots_key="nope")
     with pytest.raises(ValueError, match="different elements"):
         scellst.pp.assign_cells(sdata, "spots", "spots")
+    with pytest.raises(ValueError, match="already assigned to spots"):
+        scellst.pp.assign_cells(sdata)  # an earlier assignment is never replaced silently
+    scellst.pp.assign_cells(sdata, overwrite=True)
+    assert sdata.tables["spots_counts"].obs["n_cells"].sum() == sdata.shapes["nuclei"]["spot_id"].notna().sum()

@@ -124,8 +124,7 @@ def test_spots_in_the_wrong_frame_are_refused_before_training(processed):
     sdata = fresh_copy(processed)
     spots = sdata.shapes["spots"]
     spots["geometry"] = [affinity.scale(g, 0.1, 0.1, origin=(0, 0)) for g in spots.geometry]
-    del sdata.tables["nuclei_embeddings"].obs["spot_id"]
-    scellst.pp.assign_cells(sdata)
+    scellst.pp.assign_cells(sdata, overwrite=True)
     with pytest.raises(ValueError, match=r"miss the tissue|overlap one another|spot\(s\) with nuclei"):
         scellst.tl.train(sdata, max_epochs=2, show_progress_bar=False)
 

@@ -62,6 +62,7 @@ def assign_cells(
     spots_key: str | None = Key.SPOTS,
     *,
     spot_table_key: str | None = Key.SPOTS_COUNTS,
+    overwrite: bool = False,
 ) -> None:
     """Assign each nucleus to the spot that contains its centroid.
 
@@ -81,6 +82,9 @@ def assign_cells(
         The spot circles (or polygons).
     spot_table_key
         The spot table; it receives ``obs['n_cells']``. ``None`` to skip.
+    overwrite
+        Replace an earlier assignment of these nuclei (refused otherwise). On a disk-backed object the elements
+        that receive the new columns are rewritten atomically.
 
     Returns
     -------
@@ -91,6 +95,11 @@ def assign_cells(
     spots_key = get_key(sdata, "shapes", spots_key, what="spot shapes")
     if shapes_key == spots_key:
         raise ValueError("`shapes_key` and `spots_key` must name different elements.")
+    if Col.SPOT_ID in sdata.shapes[shapes_key].columns and not overwrite:
+        raise ValueError(
+            f"The nuclei of {shapes_key!r} are already assigned to spots (column 'spot_id'); pass `overwrite=True` "
+            "to assign them again."
+        )
     matrix = intrinsic_to_intrinsic(sdata, shapes_key, spots_key)
     spot_of = spot_membership(sdata, shapes_key, spots_key)
     nuclei = sdata.shapes[shapes_key]

@@ -85,7 +85,7 @@ def prepare_cells(
         )  # fmt: skip
         steps.append("embed_cells")
     if has_spots and Col.SPOT_ID not in sdata.tables[emb_key].obs:
-        pp.assign_cells(sdata)
+        pp.assign_cells(sdata, overwrite=True)  # the table made after an earlier assignment lacks its column
         steps.append("assign_cells")
     return steps
 
