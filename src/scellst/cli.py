@@ -118,13 +118,29 @@ writes predictions/<slide>.zarr (whole or not at all) and, with --export, <slide
 """
 
 
-def _train_parser(sub) -> None:
-    p = sub.add_parser(
-        "train",
-        help="train on slides with spots (Space Ranger folders or zarr stores) and predict their cells",
-        description="Train a model on spot transcriptomics + H&E, then write the model and the predicted slides.",
-        epilog=TRAIN_EXAMPLES,
+def _command(sub, name: str, summary: str, description: str, examples: str) -> argparse.ArgumentParser:
+    """A subcommand whose --help ends with its examples, printed as written."""
+    return sub.add_parser(
+        name,
+        help=summary,
+        description=description,
+        epilog=examples,
         formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+
+
+def _output_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--overwrite", action="store_true", help="replace existing outputs (never the inputs)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _train_parser(sub) -> None:
+    p = _command(
+        sub,
+        "train",
+        "train on slides with spots (Space Ranger folders or zarr stores) and predict their cells",
+        "Train a model on spot transcriptomics + H&E, then write the model and the predicted slides.",
+        TRAIN_EXAMPLES,
     )
     p.add_argument("slides", nargs="+", type=Path, help="Space Ranger 'outs' folders or zarr stores")
     p.add_argument("--out", type=Path, required=True, help="output folder (model.pt, <slide>.zarr)")
@@ -144,17 +160,16 @@ def _train_parser(sub) -> None:
     p.add_argument("--max-epochs", type=int, default=None, help="maximum training epochs")
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--no-stores", action="store_true", help="write the model only, not the predicted slides")
-    p.add_argument("--overwrite", action="store_true", help="replace existing outputs (never the inputs)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    _output_flags(p)
 
 
 def _predict_parser(sub) -> None:
-    p = sub.add_parser(
+    p = _command(
+        sub,
         "predict",
-        help="apply a saved model to H&E slides or stores",
-        description="Segment, embed and predict the cells of new slides with a saved model.",
-        epilog=PREDICT_EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        "apply a saved model to H&E slides or stores",
+        "Segment, embed and predict the cells of new slides with a saved model.",
+        PREDICT_EXAMPLES,
     )
     p.add_argument("model", type=Path, help="model file written by `scellst train` or ScellstModel.save")
     p.add_argument("slides", nargs="+", type=Path, help="H&E images (SVS, NDPI, TIFF, JPEG, PNG), zarr stores, "
@@ -166,8 +181,7 @@ def _predict_parser(sub) -> None:
                    help="full-resolution H&E of each Space Ranger folder, in the same order")  # fmt: skip
     p.add_argument("--encoder", type=Path, default=None, help="encoder file of a model trained on ssl/encoder")
     p.add_argument("--export", nargs="+", default=[], choices=["h5ad", "csv"], help="also export the cell table")
-    p.add_argument("--overwrite", action="store_true", help="replace existing outputs (never the inputs)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    _output_flags(p)
 
 
 def _run_train(args) -> None:

@@ -100,18 +100,9 @@ def _scale_bar(ax, um_per_unit: float, length_um: float | None) -> None:
 
 
 def _lognorm_spot_table(sdata: SpatialData, spot_table_key: str, genes: Sequence[str]):
-    import anndata as ad
-    from spatialdata.models import TableModel
-
-    from ..pp._genes import lognorm
-
+    """The measured spots' ``log1p`` CP10k, annotating the spot shapes."""
     counts = sdata.tables[spot_table_key]
-    attrs = counts.uns["spatialdata_attrs"]
-    obs = counts.obs[[attrs["region_key"], attrs["instance_key"]]].copy()
-    table = ad.AnnData(X=lognorm(counts, genes), obs=obs, var=pd.DataFrame(index=list(genes)))
-    return TableModel.parse(
-        table, region=attrs["region"], region_key=attrs["region_key"], instance_key=attrs["instance_key"]
-    )
+    return _lognorm_table(counts, genes, region=counts.uns["spatialdata_attrs"]["region"])
 
 
 def expression(
