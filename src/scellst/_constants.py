@@ -40,6 +40,7 @@ class Attr:
     MICRONS_PER_PIXEL = "microns_per_pixel"  # sdata.attrs["scellst"]["microns_per_pixel"][image_key]
     SHAPES_SOURCE = "shapes_source"  # sdata.attrs["scellst"]["shapes_source"][shapes_key] = image_key
     XENIUM = "xenium"  # sdata.attrs["scellst"]["xenium"]["pixel_size_um"]: `global` is in Xenium pixels
+    RUN = "run"  # sdata.attrs["scellst"]["run"]: what a store made by `run_predict` was made from (for resume)
 
 
 VISIUM_SPOT_DIAMETER_UM = 55.0

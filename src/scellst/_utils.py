@@ -255,25 +255,23 @@ def quiet_zarr():
 def write_element(sdata: SpatialData, key: str, element: Any, *, overwrite: bool, what: str) -> None:
     """Add an element in place (and to disk for a backed object), refusing silent overwrites.
 
-    On a backed object an element that is already on disk is replaced atomically: the new version is written beside
-    it under a temporary name and swapped in by renaming, so a failed or killed write leaves the old one readable.
+    On a backed object every element is written atomically: under a temporary name first, then renamed into place
+    (swapped with the old version when there is one), so a failed or killed write never leaves a half-written
+    element, and never loses the old one.
     """
     check_writable(sdata, key, overwrite=overwrite)
-    on_disk = sdata.is_backed() and key in _elements_on_disk(sdata)
     with quiet_zarr():
-        if on_disk:
+        if sdata.is_backed():
             _replace_on_disk(sdata, key, element)
         else:
             if key in all_element_names(sdata):
                 del sdata[key]
             sdata[key] = element
-            if sdata.is_backed():
-                sdata.write_element(key)
     logger.info(f"Added {what} to sdata[{key!r}]")
 
 
 def _replace_on_disk(sdata: SpatialData, key: str, element: Any) -> None:
-    """Write ``element`` as ``key`` of a backed store without ever deleting the old version before the new is whole."""
+    """Write ``element`` as ``key`` of a backed store: whole, and without deleting the old version before the new is whole."""
     import shutil
 
     tmp = f"{key}_scellst_partial"
@@ -295,7 +293,8 @@ def _replace_on_disk(sdata: SpatialData, key: str, element: Any) -> None:
     old = folder / f".{key}.replaced"
     if old.exists():
         shutil.rmtree(old)
-    (folder / key).rename(old)
+    if (folder / key).exists():
+        (folder / key).rename(old)
     (folder / tmp).rename(folder / key)
     shutil.rmtree(old, ignore_errors=True)
     del sdata[tmp]
@@ -303,13 +302,13 @@ def _replace_on_disk(sdata: SpatialData, key: str, element: Any) -> None:
         del sdata[key]
     sdata[key] = element
     if kind == "labels":
-        _drop_label_name(folder, tmp)
+        _rename_label(folder, tmp, key)
     if sdata.has_consolidated_metadata():
         sdata.write_consolidated_metadata()
 
 
-def _drop_label_name(folder: Path, name: str) -> None:
-    """Remove a temporary name from the OME-Zarr list of labels of a store."""
+def _rename_label(folder: Path, tmp: str, key: str) -> None:
+    """In the OME-Zarr list of labels of a store, ``tmp`` (a temporary name) becomes ``key``."""
     import json
 
     for meta in (folder / "zarr.json", folder / ".zattrs"):
@@ -318,8 +317,9 @@ def _drop_label_name(folder: Path, name: str) -> None:
         doc = json.loads(meta.read_text())
         attrs = doc.get("attributes", doc)
         for holder in (attrs, attrs.get("ome", {})):
-            if isinstance(holder, dict) and isinstance(holder.get("labels"), list) and name in holder["labels"]:
-                holder["labels"] = [n for n in holder["labels"] if n != name]
+            if isinstance(holder, dict) and isinstance(holder.get("labels"), list) and tmp in holder["labels"]:
+                names = [n for n in holder["labels"] if n != tmp]
+                holder["labels"] = names if key in names else [*names, key]
                 meta.write_text(json.dumps(doc, indent=2))
 
 

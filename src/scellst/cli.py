@@ -113,8 +113,13 @@ PREDICT_EXAMPLES = """examples:
   scellst predict run1/model.pt slide1.svs slide2.svs --out predictions --export h5ad csv
   # a JPEG/PNG states no pixel size: give it
   scellst predict run1/model.pt tile.png --microns-per-pixel 0.5 --out predictions
+  # a cohort on a local dask cluster of 4 worker processes, 6 GiB each
+  scellst predict run1/model.pt cohort/*.svs --out predictions --workers 4 --memory-per-worker 6GiB
+  # the same on a running cluster (its workers must see the slides and --out)
+  scellst predict run1/model.pt cohort/*.svs --out predictions --scheduler tcp://10.0.0.1:8786
 
 writes predictions/<slide>.zarr (whole or not at all) and, with --export, <slide>_cells.h5ad / .csv.gz.
+Interrupted? Run the same command again: finished slides are skipped, a partial slide resumes where it stopped.
 """
 
 
@@ -132,6 +137,17 @@ def _command(sub, name: str, summary: str, description: str, examples: str) -> a
 def _output_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs (never the inputs)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    cluster = p.add_mutually_exclusive_group()
+    cluster.add_argument("--workers", type=int, default=None,
+                         help="run the tiles on a local dask cluster of this many worker processes")  # fmt: skip
+    cluster.add_argument("--scheduler", default=None,
+                         help="address of a running dask scheduler (e.g. tcp://10.0.0.1:8786)")  # fmt: skip
+    p.add_argument("--memory-per-worker", default="auto",
+                   help="memory limit of each local worker, e.g. 4GiB (default: the machine's memory shared)")  # fmt: skip
+
+
+def _cluster_kwargs(args) -> dict:
+    return {"n_workers": args.workers, "scheduler": args.scheduler, "memory_limit": args.memory_per_worker}
 
 
 def _train_parser(sub) -> None:
@@ -181,6 +197,8 @@ def _predict_parser(sub) -> None:
                    help="full-resolution H&E of each Space Ranger folder, in the same order")  # fmt: skip
     p.add_argument("--encoder", type=Path, default=None, help="encoder file of a model trained on ssl/encoder")
     p.add_argument("--export", nargs="+", default=[], choices=["h5ad", "csv"], help="also export the cell table")
+    p.add_argument("--tile-size", type=int, default=2048,
+                   help="tile side in pixels: one task of segmentation and embedding (default: 2048)")  # fmt: skip
     _output_flags(p)
 
 
@@ -206,6 +224,7 @@ def _run_train(args) -> None:
         write_stores=not args.no_stores,
         overwrite=args.overwrite,
         show_progress_bar=not args.quiet,
+        **_cluster_kwargs(args),
         **kwargs,
     )
     _echo(f"\nscellst train: {len(runs)} slide(s), {len(model.genes)} genes, model {model.model!r}")
@@ -226,11 +245,16 @@ def _run_predict(args) -> None:
         fullres_images=args.fullres_image,
         encoder=args.encoder,
         export=args.export,
+        tile_size=args.tile_size,
         overwrite=args.overwrite,
         show_progress_bar=not args.quiet,
+        **_cluster_kwargs(args),
     )
     _echo(f"\nscellst predict: {len(runs)} slide(s)")
     for run in runs:
+        if run.steps == ["skipped"]:
+            _echo(f"  {run.name}: already done by an earlier run -> {run.store}")
+            continue
         extra = f" + {', '.join(run.exports)}" if run.exports else ""
         _echo(f"  {run.name}: {run.n_cells:,} cells in {run.seconds:.0f} s -> {run.store}{extra}")
     _echo(f"  done in {time.perf_counter() - t0:.0f} s")

@@ -6,7 +6,7 @@ import itertools
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 
@@ -348,7 +348,16 @@ class ScellstModel:
                 "embed the slide with the same method and parameters as the training slides."
             )
 
-    def save(self, path: str | Path) -> None:
+    def fingerprint(self) -> str:
+        """A SHA-256 digest of the saved model: equal for the same weights, genes and settings."""
+        import hashlib
+        import io
+
+        buf = io.BytesIO()
+        self.save(buf)
+        return hashlib.sha256(buf.getvalue()).hexdigest()
+
+    def save(self, path: str | Path | IO[bytes]) -> None:
         """Save the model to one file (weights, genes, scaling, embedding method, package version)."""
         import torch
 
@@ -369,7 +378,7 @@ class ScellstModel:
             "version": self.version,
             "extras": self.extras,
         }
-        torch.save(payload, Path(path))
+        torch.save(payload, path if hasattr(path, "write") else Path(path))
 
     @classmethod
     def load(cls, path: str | Path) -> ScellstModel:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -11,6 +11,7 @@ import numpy as np
 
 from .._constants import Attr, Col, Key
 from .._logging import logger
+from .._tiles import TileCache, run_tiles
 from .._utils import (
     check_writable,
     get_key,
@@ -465,6 +466,22 @@ def _make_segmenter(method, *, weights, params, threshold, working_mpp, arr0, mp
     )
 
 
+def _describe_segmenter(method: Any, segmenter: Any) -> dict[str, Any]:
+    """What identifies a segmenter's output, for the tile cache."""
+    out: dict[str, Any] = {"type": type(segmenter).__name__, "working_mpp": segmenter.working_mpp}
+    if isinstance(segmenter, ClassicalSegmenter):
+        out["threshold"] = float(segmenter.threshold)
+    if isinstance(method, str | Path):
+        path = Path(method)
+        out["method"] = str(method)
+        if path.is_file():
+            stat = path.stat()
+            out["file"] = [str(path.resolve()), stat.st_size, stat.st_mtime_ns]
+    else:
+        out["method"] = f"{type(method).__module__}.{type(method).__qualname__}@{id(method)}"
+    return out
+
+
 def segment_nuclei(
     sdata: SpatialData,
     image_key: str | None = None,
@@ -480,6 +497,7 @@ def segment_nuclei(
     threshold: float | None = None,
     tile_size: int = 2048,
     margin_um: float = 20.0,
+    tile_cache: str | Path | None = None,
     overwrite: bool = False,
     show_progress_bar: bool = True,
 ) -> None:
@@ -531,6 +549,9 @@ def segment_nuclei(
         Tile size in pixels of the level that is read.
     margin_um
         Overlap between tiles, in microns (larger than a nucleus).
+    tile_cache
+        A folder where each finished tile is kept; run again with the same folder (after Ctrl-C, a killed worker or
+        process), the finished tiles are loaded instead of recomputed, with the same result. ``None``: no cache.
     overwrite
         Replace existing elements with the same names.
     show_progress_bar
@@ -543,7 +564,6 @@ def segment_nuclei(
     ``sdata.labels[labels_key_added]`` (label value = ``cell_id``), and records the source image in
     ``sdata.attrs['scellst']``.
     """
-    import dask
     import geopandas as gpd
     import pandas as pd
     from spatialdata.models import Labels2DModel, ShapesModel
@@ -591,19 +611,29 @@ def segment_nuclei(
     _, lh, lw = arr.shape
     margin = int(np.ceil(margin_um / (mpp * level_factor)))
     tiles = tile_grid(lh, lw, tile_size)
-    tasks = []
+    calls = []
     for y0, y1, x0, x1 in tiles:
         py0, py1, px0, px1 = max(y0 - margin, 0), min(y1 + margin, lh), max(x0 - margin, 0), min(x1 + margin, lw)
         data = arr.data[:, py0:py1, px0:px1]
         # the core, in level-0 pixel-centre coordinates; working pixel j maps to (j + 0.5) * scale - 0.5 + offset
         core = tuple(v * level_factor - 0.5 for v in (y0, y1, x0, x1))
         to_level0 = (residual * level_factor, py0 * level_factor, px0 * level_factor)
-        tasks.append(dask.delayed(_process_tile)(data, core, to_level0, residual, segmenter, params))
+        calls.append((f"y{y0}_x{x0}", (data, core, to_level0, residual, segmenter, params)))
+    cache = None
+    if tile_cache is not None:
+        fingerprint = {
+            "step": "segment_nuclei",
+            "image": [image_key, list(arr0.shape), mpp],
+            "segmenter": _describe_segmenter(method, segmenter),
+            "params": asdict(params),
+            "tiling": [tile_size, margin, level_factor, residual],
+        }
+        cache = TileCache(tile_cache, fingerprint, "polygons")
     logger.info(
         f"Segmenting nuclei on {image_key!r} ({w:,} x {h:,} px, {mpp:.3f} um/px) with {type(segmenter).__name__} "
         f"at {mpp * target:.2f} um/px (pyramid level x{level_factor:g}) in {len(tiles)} tiles"
     )
-    results = _compute_with_progress(tasks, show_progress_bar=show_progress_bar, desc="segment_nuclei")
+    results = run_tiles(_process_tile, calls, cache=cache, show_progress_bar=show_progress_bar, desc="segment_nuclei")
     polys = [p for res in results for p in res[0]]
     areas = np.concatenate([res[1] for res in results]) if results else np.zeros(0)
     if not polys:
@@ -623,12 +653,12 @@ def segment_nuclei(
     _check_nucleus_sizes(gdf, (h, w), min_area_um2, max_area_um2, what=f"{image_key!r} ({mpp} um/px)")
     transformations = get_transformation(sdata.images[image_key], get_all=True)
     shapes = ShapesModel.parse(gdf, transformations=transformations)
-    write_element(sdata, key_added, shapes, overwrite=overwrite, what=f"{len(polys):,} nuclei")
-    record_attr(sdata, Attr.SHAPES_SOURCE, key_added, image_key)
-    if labels_key:
+    if labels_key:  # the label image first: a run interrupted in between has no shapes and segments again
         labels = rasterize_nuclei(gdf, (h, w))
         labels_el = Labels2DModel.parse(labels, dims=("y", "x"), transformations=transformations)
         write_element(sdata, labels_key, labels_el, overwrite=overwrite, what="nucleus label image")
+    record_attr(sdata, Attr.SHAPES_SOURCE, key_added, image_key)
+    write_element(sdata, key_added, shapes, overwrite=overwrite, what=f"{len(polys):,} nuclei")
 
 
 MIN_NUCLEI_FOR_SIZE_CHECK = 20
@@ -654,28 +684,3 @@ def _check_nucleus_sizes(
             f"microns per pixel of {what}, then whether the segmentation method suits this tissue (a model trained "
             "on other tissue can draw nuclei too small or too large: fine-tune it, see `train_segmenter(init=...)`)."
         )
-
-
-def _compute_with_progress(tasks: list, *, show_progress_bar: bool, desc: str) -> list:
-    """Compute dask delayed tasks on the active scheduler, with a progress bar."""
-    import dask
-
-    try:
-        from distributed import get_client
-
-        client = get_client()
-    except (ImportError, ValueError):
-        client = None
-    if client is not None:
-        futures = client.compute(tasks)
-        if show_progress_bar:
-            from distributed import progress
-
-            progress(futures)
-        return client.gather(futures)
-    if show_progress_bar:
-        from tqdm.dask import TqdmCallback
-
-        with TqdmCallback(desc=desc):
-            return list(dask.compute(*tasks, scheduler="threads"))
-    return list(dask.compute(*tasks, scheduler="threads"))

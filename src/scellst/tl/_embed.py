@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import asdict
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
@@ -11,6 +12,7 @@ import pandas as pd
 
 from .._constants import Attr, Col, Key
 from .._logging import logger
+from .._tiles import TileCache, run_tiles
 from .._utils import (
     affine_scale,
     check_writable,
@@ -165,6 +167,7 @@ def embed_cells(
     batch_size: int = 512,
     device: str = "auto",
     seed: int = 0,
+    tile_cache: str | Path | None = None,
     overwrite: bool = False,
     show_progress_bar: bool = True,
 ) -> None:
@@ -215,6 +218,9 @@ def embed_cells(
         ``"auto"`` (CUDA when available), ``"cpu"`` or ``"cuda"``.
     seed
         Seed of the ``"random"`` encoder.
+    tile_cache
+        Morphology: a folder where each finished tile is kept, so that a run restarted with the same folder loads
+        them instead of recomputing them (see :func:`scellst.pp.segment_nuclei`). ``None``: no cache.
     overwrite
         Replace an existing table with the same name.
     show_progress_bar
@@ -227,10 +233,7 @@ def embed_cells(
     ``obs['spot_id']`` when cells were assigned, ``obsm['spatial']`` (centroids in the shapes' frame) and the
     provenance in ``uns['scellst']``.
     """
-    import dask
     from scipy.spatial import cKDTree
-
-    from ..pp._segment import _compute_with_progress
 
     if method not in EMBED_METHODS:
         raise ValueError(f"Unknown embedding method {method!r}; available: {', '.join(map(repr, EMBED_METHODS))}.")
@@ -285,7 +288,7 @@ def embed_cells(
     ty = np.clip((cxy[:, 1] // tile_size).astype(int), 0, None)
     tx = np.clip((cxy[:, 0] // tile_size).astype(int), 0, None)
     margin = int(np.ceil((ring_um + 15.0) / mpp))
-    tasks = []
+    calls = []
     for (gy, gx), idx in pd.Series(np.arange(len(ids))).groupby([ty, tx]):
         idx = idx.to_numpy()
         y0, x0 = gy * tile_size, gx * tile_size
@@ -294,9 +297,22 @@ def embed_cells(
         if py1 <= py0 or px1 <= px0:
             continue
         data = arr.data[:, py0:py1, px0:px1]
-        tasks.append(dask.delayed(_morphology_tile)(data, [geoms[i] for i in idx], ids[idx], (py0, px0), mpp, ring_um))
-    logger.info(f"Embedding {len(ids):,} nuclei of {shapes_key!r} ({method}) in {len(tasks)} tiles")
-    parts = _compute_with_progress(tasks, show_progress_bar=show_progress_bar, desc="embed_cells")
+        calls.append((f"y{gy}_x{gx}", (data, [geoms[i] for i in idx], ids[idx], (py0, px0), mpp, ring_um)))
+    logger.info(f"Embedding {len(ids):,} nuclei of {shapes_key!r} ({method}) in {len(calls)} tiles")
+    cache = None
+    if tile_cache is not None:
+        import hashlib
+
+        digest = hashlib.sha256(np.ascontiguousarray(ids).tobytes())
+        digest.update(np.ascontiguousarray(cxy, dtype=np.float64).tobytes())
+        fingerprint = {
+            "step": "embed_cells",
+            "image": [image_key, list(arr.shape), mpp],
+            "nuclei": [shapes_key, len(ids), digest.hexdigest()],
+            "params": [ring_um, tile_size, margin],
+        }
+        cache = TileCache(tile_cache, fingerprint, "frame")
+    parts = run_tiles(_morphology_tile, calls, cache=cache, show_progress_bar=show_progress_bar, desc="embed_cells")
     feats = pd.concat(parts) if parts else pd.DataFrame()
     feats = feats[~feats.index.duplicated()].reindex(ids)
 
