@@ -59,3 +59,48 @@ def her2st_section(section: str, *, data: Path = DATA, cache: Path = CACHE, verb
             f"median {cells.median():.0f} per spot ({msg})"
         )
     return sd.read_zarr(store)
+
+
+class PeakRSS:
+    """Peak resident memory (this process and its children, e.g. dask workers) while the block runs, in GiB.
+
+    Sampled every ``interval`` seconds by a thread, so it sees the peak of each stage, not of the whole process.
+    """
+
+    def __init__(self, interval: float = 0.05) -> None:
+        self.interval = interval
+        self.peak = 0.0
+        self.seconds = 0.0
+
+    def _sample(self) -> float:
+        import psutil
+
+        proc = psutil.Process()
+        total = proc.memory_info().rss
+        for child in proc.children(recursive=True):
+            try:
+                total += child.memory_info().rss
+            except psutil.Error:
+                pass
+        return total / 1024**3
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._sample())
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> PeakRSS:
+        import threading
+
+        self._stop = threading.Event()
+        self.peak = self._sample()
+        self._t0 = time.perf_counter()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._sample())
+        self.seconds = time.perf_counter() - self._t0

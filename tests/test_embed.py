@@ -131,3 +131,33 @@ def test_embed_context_options(processed):
     assert abs(nb.mean() - area.mean()) < 0.2 * area.std()
     with pytest.raises(ValueError, match="context_um"):
         scellst.tl.embed_cells(sdata, key_added="bad", context_um="wide")
+
+
+def test_vectorised_region_features_equal_regionprops():
+    """The all-labels-at-once features are regionprops' own: touching labels, holes, image borders, split labels."""
+    from skimage.measure import regionprops_table
+    from skimage.segmentation import expand_labels
+
+    from scellst.tl._embed import _hed, _region_features
+
+    rng = np.random.default_rng(3)
+    seeds = np.zeros((160, 190), dtype=np.int32)
+    pts = rng.integers(0, [160, 190], size=(90, 2))
+    seeds[pts[:, 0], pts[:, 1]] = rng.permutation(np.arange(5, 95)) * 7  # sparse, unordered ids
+    labels = expand_labels(seeds, distance=6)
+    labels[rng.random(labels.shape) < 0.03] = 0  # holes and ragged borders
+    labels[:, 100] = 0  # some labels split in two
+    rgb = rng.integers(0, 256, size=(*labels.shape, 3), dtype=np.uint8)
+    intensity = np.dstack([_hed(rgb)[..., :2], rgb / 255.0]).astype(np.float32)
+    props = ("label", "area", "perimeter", "axis_major_length", "axis_minor_length", "eccentricity", "solidity",
+             "extent", "intensity_mean", "intensity_max")  # fmt: skip
+    want = pd.DataFrame(regionprops_table(labels, intensity_image=intensity, properties=props)).set_index("label")
+    got = _region_features(labels, intensity, shape=True)
+    assert list(got.index) == list(want.index)
+    for col in got.columns:
+        np.testing.assert_allclose(got[col], want[col], rtol=1e-5, atol=1e-6, err_msg=col)
+    ring = _region_features(labels, intensity, shape=False)
+    np.testing.assert_allclose(ring["intensity_mean-2"], want["intensity_mean-2"], rtol=1e-5)
+    from skimage.color import rgb2hed
+
+    np.testing.assert_allclose(_hed(rgb), rgb2hed(rgb), rtol=1e-4, atol=1e-6)

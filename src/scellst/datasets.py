@@ -31,6 +31,7 @@ __all__ = [
     "consep_patches",
     "data_dir",
     "her2st",
+    "synthetic_slide",
     "synthetic_tissue",
     "visium_mouse_brain",
     "write_synthetic_xenium",
@@ -94,6 +95,133 @@ def _hex_grid(width_um: float, height_um: float, pitch_um: float, margin_um: flo
     return np.asarray(pts)
 
 
+def _make_cells(rng: np.random.Generator, width_um: float, height_um: float, spacing_scale: float = 1.0) -> dict:
+    """Tissue architecture (fields on a 5 um grid), cell positions, types and nucleus shapes, in microns."""
+    # --- tissue architecture on a 5 um grid -------------------------------------------------------------------
+    coarse = (max(int(height_um / 5), 8), max(int(width_um / 5), 8))
+    nest = _smooth_field(rng, coarse, sigma=14)
+    immune = _smooth_field(rng, coarse, sigma=6)
+    flow = _smooth_field(rng, coarse, sigma=20) * np.pi
+
+    def region_at(x_um: np.ndarray, y_um: np.ndarray) -> np.ndarray:
+        iy = np.clip((y_um / 5).astype(int), 0, coarse[0] - 1)
+        ix = np.clip((x_um / 5).astype(int), 0, coarse[1] - 1)
+        reg = np.zeros(len(x_um), dtype=int)  # 0 stroma
+        reg[immune[iy, ix] > 1.1] = 2
+        reg[nest[iy, ix] > 0.35] = 1
+        return reg
+
+    region_names = ("stroma", "tumour", "immune")
+    type_index = {t.name: i for i, t in enumerate(_TYPES)}
+
+    # --- cells: jittered grids per region -------------------------------------------------------------------
+    xs, ys, types = [], [], []
+    for r, name in enumerate(region_names):
+        spacing, probs = _REGIONS[name]
+        spacing *= spacing_scale
+        gx, gy = np.meshgrid(np.arange(spacing / 2, width_um, spacing), np.arange(spacing / 2, height_um, spacing))
+        gx = gx.ravel() + rng.uniform(-0.3, 0.3, gx.size) * spacing
+        gy = gy.ravel() + rng.uniform(-0.3, 0.3, gy.size) * spacing
+        keep = (region_at(gx, gy) == r) & (gx > 4) & (gy > 4) & (gx < width_um - 4) & (gy < height_um - 4)
+        gx, gy = gx[keep], gy[keep]
+        names, p = zip(*probs.items(), strict=True)
+        t = rng.choice([type_index[n] for n in names], size=gx.size, p=np.asarray(p) / np.sum(p))
+        xs.append(gx)
+        ys.append(gy)
+        types.append(t)
+    x_um, y_um, cell_type = np.concatenate(xs), np.concatenate(ys), np.concatenate(types)
+    n_cells = len(x_um)
+    state = rng.normal(size=n_cells)  # latent tumour state (proliferation), visible in the nucleus
+
+    # --- morphology ------------------------------------------------------------------------------------------
+    axis = np.array([_TYPES[t].axis_um for t in cell_type]) * np.exp(rng.normal(0, 0.08, n_cells))
+    is_tumour = cell_type == type_index["tumour"]
+    axis[is_tumour] *= np.exp(0.13 * state[is_tumour])
+    lo = np.array([_TYPES[t].aspect[0] for t in cell_type])
+    hi = np.array([_TYPES[t].aspect[1] for t in cell_type])
+    minor = axis * rng.uniform(lo, hi)
+    iy = np.clip((y_um / 5).astype(int), 0, coarse[0] - 1)
+    ix = np.clip((x_um / 5).astype(int), 0, coarse[1] - 1)
+    angle = np.where(np.isin(cell_type, [type_index["fibroblast"], type_index["endothelial"]]), flow[iy, ix], 0.0)
+    angle = angle + rng.normal(0, 0.25, n_cells)
+    angle[np.isin(cell_type, [type_index[n] for n in ("tumour", "lymphocyte", "macrophage")])] = rng.uniform(
+        0, np.pi, int(np.isin(cell_type, [type_index[n] for n in ("tumour", "lymphocyte", "macrophage")]).sum())
+    )
+    hema = np.array([_TYPES[t].hematoxylin for t in cell_type]) * np.exp(rng.normal(0, 0.08, n_cells))
+    hema[is_tumour] *= np.exp(0.12 * state[is_tumour])
+
+    return {
+        "coarse": coarse, "nest": nest, "immune": immune, "x_um": x_um, "y_um": y_um, "cell_type": cell_type,
+        "state": state, "axis": axis, "minor": minor, "angle": angle, "hema": hema, "is_tumour": is_tumour,
+    }  # fmt: skip
+
+
+def _express(rng: np.random.Generator, cells: dict, counts_per_cell: float) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """Genes, expected counts ``mu`` and sampled counts of every cell."""
+    cell_type, axis, state, is_tumour = cells["cell_type"], cells["axis"], cells["state"], cells["is_tumour"]
+    type_index = {t.name: i for i, t in enumerate(_TYPES)}
+    n_cells = len(cell_type)
+    # --- expression programs ------------------------------------------------------------------------------------
+    genes = [g for t in _TYPES for g in t.markers] + list(_PROLIFERATION) + list(_HOUSEKEEPING)
+    n_genes = len(genes)
+    base = np.full((len(_TYPES), n_genes), 0.05)
+    for ti, t in enumerate(_TYPES):
+        for g in t.markers:
+            base[ti, genes.index(g)] = rng.uniform(3.0, 9.0)
+    for g in _PROLIFERATION:
+        base[type_index["tumour"], genes.index(g)] = rng.uniform(1.0, 2.5)
+        base[type_index["lymphocyte"], genes.index(g)] = 0.3
+    for g in _HOUSEKEEPING:
+        base[:, genes.index(g)] = rng.uniform(4.0, 10.0) * np.exp(rng.normal(0, 0.3, len(_TYPES)))
+    base *= counts_per_cell / base.sum(axis=1, keepdims=True)
+    size = np.exp(rng.normal(0, 0.2, n_cells)) * (axis / axis.mean()) ** 0.5
+    noise = np.exp(rng.normal(0, 0.25, (n_cells, n_genes)))
+    mu = base[cell_type] * size[:, None] * noise
+    prolif = [genes.index(g) for g in _PROLIFERATION]
+    mu[np.ix_(is_tumour, prolif)] *= np.exp(0.9 * state[is_tumour])[:, None]
+    cell_counts = rng.poisson(mu)
+
+    return genes, mu, cell_counts
+
+
+def _spots(rng, cells, mu, width_um, height_um, spot_diameter_um, spot_pitch_um, dispersion) -> tuple:
+    """A hexagonal grid of spots summing the expected counts of the cells centred in them, with NB noise."""
+    from scipy.spatial import cKDTree
+
+    x_um, y_um, n_genes = cells["x_um"], cells["y_um"], mu.shape[1]
+    # --- spots ------------------------------------------------------------------------------------------------
+    spot_um = _hex_grid(width_um, height_um, spot_pitch_um, margin_um=spot_diameter_um / 2 + 5)
+    tree = cKDTree(np.column_stack([x_um, y_um]))
+    members = tree.query_ball_point(spot_um, r=spot_diameter_um / 2)
+    spot_mu = np.stack([mu[m].sum(axis=0) if len(m) else np.zeros(n_genes) for m in members])
+    lam = rng.gamma(dispersion, spot_mu / dispersion)
+    spot_counts = rng.poisson(lam).astype(np.float32)
+    spot_ids = [f"spot_{i}" for i in range(len(spot_um))]
+    return spot_um, spot_counts, spot_ids, members
+
+
+def _cell_box(t: _CellType, a: float, cx: float, cy: float) -> tuple[int, int, int, int]:
+    """The pixel box ``(x0, x1, y0, y1)`` that holds a drawn cell (nucleus and halo) of semi-major axis ``a`` px."""
+    r = int(np.ceil(a * (1.9 if t.halo_eosin > 0 else 1.15))) + 2
+    return int(cx) - r, int(cx) + r + 1, int(cy) - r, int(cy) + r + 1
+
+
+def _draw_cell(t: _CellType, a, b, cx, cy, angle, hema, rng, window) -> tuple[np.ndarray, np.ndarray | None]:
+    """Haematoxylin of an elliptic nucleus (chromatin texture from ``rng``) and its halo's eosin, over a pixel window."""
+    y0, y1, x0, x1 = window
+    halo = 1.9 if t.halo_eosin > 0 else 1.15
+    yy, xx = np.mgrid[y0:y1, x0:x1]
+    dx, dy = xx - cx, yy - cy
+    ca, sa = np.cos(angle), np.sin(angle)
+    u, v = dx * ca + dy * sa, -dx * sa + dy * ca
+    d = np.sqrt((u / a) ** 2 + (v / b) ** 2)
+    mask = np.clip((1.06 - d) / 0.18, 0, 1)
+    chromatin = 1 + t.texture * rng.normal(size=mask.shape)
+    nucleus = hema * mask * np.clip(chromatin, 0.3, 2.0)
+    ring = t.halo_eosin * np.clip((halo - d) / 0.3, 0, 1) * (1 - mask) if t.halo_eosin > 0 else None
+    return nucleus, ring
+
+
 def synthetic_tissue(
     *,
     seed: int = 0,
@@ -136,7 +264,6 @@ def synthetic_tissue(
     expected counts of each cell in ``X``, sampled counts in ``layers['counts']``, ``obs['cell_type']``).
     """
     from scipy.ndimage import gaussian_filter
-    from scipy.spatial import cKDTree
 
     from .io import from_spots
 
@@ -145,57 +272,10 @@ def synthetic_tissue(
     width_um, height_um = map(float, size_um)
     h_px, w_px = int(round(height_um / mpp)), int(round(width_um / mpp))
 
-    # --- tissue architecture on a 5 um grid -------------------------------------------------------------------
-    coarse = (max(int(height_um / 5), 8), max(int(width_um / 5), 8))
-    nest = _smooth_field(rng, coarse, sigma=14)
-    immune = _smooth_field(rng, coarse, sigma=6)
-    flow = _smooth_field(rng, coarse, sigma=20) * np.pi
-
-    def region_at(x_um: np.ndarray, y_um: np.ndarray) -> np.ndarray:
-        iy = np.clip((y_um / 5).astype(int), 0, coarse[0] - 1)
-        ix = np.clip((x_um / 5).astype(int), 0, coarse[1] - 1)
-        reg = np.zeros(len(x_um), dtype=int)  # 0 stroma
-        reg[immune[iy, ix] > 1.1] = 2
-        reg[nest[iy, ix] > 0.35] = 1
-        return reg
-
-    region_names = ("stroma", "tumour", "immune")
-    type_index = {t.name: i for i, t in enumerate(_TYPES)}
-
-    # --- cells: jittered grids per region -------------------------------------------------------------------
-    xs, ys, types = [], [], []
-    for r, name in enumerate(region_names):
-        spacing, probs = _REGIONS[name]
-        gx, gy = np.meshgrid(np.arange(spacing / 2, width_um, spacing), np.arange(spacing / 2, height_um, spacing))
-        gx = gx.ravel() + rng.uniform(-0.3, 0.3, gx.size) * spacing
-        gy = gy.ravel() + rng.uniform(-0.3, 0.3, gy.size) * spacing
-        keep = (region_at(gx, gy) == r) & (gx > 4) & (gy > 4) & (gx < width_um - 4) & (gy < height_um - 4)
-        gx, gy = gx[keep], gy[keep]
-        names, p = zip(*probs.items(), strict=True)
-        t = rng.choice([type_index[n] for n in names], size=gx.size, p=np.asarray(p) / np.sum(p))
-        xs.append(gx)
-        ys.append(gy)
-        types.append(t)
-    x_um, y_um, cell_type = np.concatenate(xs), np.concatenate(ys), np.concatenate(types)
+    cells = _make_cells(rng, width_um, height_um)
+    nest, immune, x_um, y_um = cells["nest"], cells["immune"], cells["x_um"], cells["y_um"]
+    cell_type, axis, minor, angle, hema = (cells[k] for k in ("cell_type", "axis", "minor", "angle", "hema"))
     n_cells = len(x_um)
-    state = rng.normal(size=n_cells)  # latent tumour state (proliferation), visible in the nucleus
-
-    # --- morphology ------------------------------------------------------------------------------------------
-    axis = np.array([_TYPES[t].axis_um for t in cell_type]) * np.exp(rng.normal(0, 0.08, n_cells))
-    is_tumour = cell_type == type_index["tumour"]
-    axis[is_tumour] *= np.exp(0.13 * state[is_tumour])
-    lo = np.array([_TYPES[t].aspect[0] for t in cell_type])
-    hi = np.array([_TYPES[t].aspect[1] for t in cell_type])
-    minor = axis * rng.uniform(lo, hi)
-    iy = np.clip((y_um / 5).astype(int), 0, coarse[0] - 1)
-    ix = np.clip((x_um / 5).astype(int), 0, coarse[1] - 1)
-    angle = np.where(np.isin(cell_type, [type_index["fibroblast"], type_index["endothelial"]]), flow[iy, ix], 0.0)
-    angle = angle + rng.normal(0, 0.25, n_cells)
-    angle[np.isin(cell_type, [type_index[n] for n in ("tumour", "lymphocyte", "macrophage")])] = rng.uniform(
-        0, np.pi, int(np.isin(cell_type, [type_index[n] for n in ("tumour", "lymphocyte", "macrophage")]).sum())
-    )
-    hema = np.array([_TYPES[t].hematoxylin for t in cell_type]) * np.exp(rng.normal(0, 0.08, n_cells))
-    hema[is_tumour] *= np.exp(0.12 * state[is_tumour])
 
     # --- render stain concentrations, then Beer-Lambert to RGB ----------------------------------------------
     region_px = _upsample(nest, (h_px, w_px)) > 0.35
@@ -208,56 +288,23 @@ def synthetic_tissue(
     for i in range(n_cells):
         t = _TYPES[cell_type[i]]
         a, b = axis[i] / mpp, minor[i] / mpp
-        halo = 1.9 if t.halo_eosin > 0 else 1.15
-        r = int(np.ceil(a * halo)) + 2
         cx, cy = x_um[i] / mpp, y_um[i] / mpp
-        x0, x1 = max(int(cx) - r, 0), min(int(cx) + r + 1, w_px)
-        y0, y1 = max(int(cy) - r, 0), min(int(cy) + r + 1, h_px)
-        yy, xx = np.mgrid[y0:y1, x0:x1]
-        dx, dy = xx - cx, yy - cy
-        ca, sa = np.cos(angle[i]), np.sin(angle[i])
-        u, v = dx * ca + dy * sa, -dx * sa + dy * ca
-        d = np.sqrt((u / a) ** 2 + (v / b) ** 2)
-        mask = np.clip((1.06 - d) / 0.18, 0, 1)
-        chromatin = 1 + t.texture * rng.normal(size=mask.shape)
-        nucleus = hema[i] * mask * np.clip(chromatin, 0.3, 2.0)
+        x0, x1, y0, y1 = _cell_box(t, a, cx, cy)
+        x0, x1, y0, y1 = max(x0, 0), min(x1, w_px), max(y0, 0), min(y1, h_px)
+        nucleus, ring = _draw_cell(t, a, b, cx, cy, angle[i], hema[i], rng, (y0, y1, x0, x1))
         hema_img[y0:y1, x0:x1] = np.maximum(hema_img[y0:y1, x0:x1], nucleus)
-        if t.halo_eosin > 0:
-            ring = np.clip((halo - d) / 0.3, 0, 1) * (1 - mask)
-            eosin[y0:y1, x0:x1] += t.halo_eosin * ring
+        if ring is not None:
+            eosin[y0:y1, x0:x1] += ring
     hema_img = gaussian_filter(hema_img, 0.6)
     od = hema_img[..., None] * _H_OD + eosin[..., None] * _E_OD
     rgb = 255.0 * np.exp(-od) * 0.96 + rng.normal(0, 2.5, size=od.shape)
     image = np.clip(rgb, 0, 255).astype(np.uint8)
 
-    # --- expression programs ------------------------------------------------------------------------------------
-    genes = [g for t in _TYPES for g in t.markers] + list(_PROLIFERATION) + list(_HOUSEKEEPING)
+    genes, mu, cell_counts = _express(rng, cells, counts_per_cell)
     n_genes = len(genes)
-    base = np.full((len(_TYPES), n_genes), 0.05)
-    for ti, t in enumerate(_TYPES):
-        for g in t.markers:
-            base[ti, genes.index(g)] = rng.uniform(3.0, 9.0)
-    for g in _PROLIFERATION:
-        base[type_index["tumour"], genes.index(g)] = rng.uniform(1.0, 2.5)
-        base[type_index["lymphocyte"], genes.index(g)] = 0.3
-    for g in _HOUSEKEEPING:
-        base[:, genes.index(g)] = rng.uniform(4.0, 10.0) * np.exp(rng.normal(0, 0.3, len(_TYPES)))
-    base *= counts_per_cell / base.sum(axis=1, keepdims=True)
-    size = np.exp(rng.normal(0, 0.2, n_cells)) * (axis / axis.mean()) ** 0.5
-    noise = np.exp(rng.normal(0, 0.25, (n_cells, n_genes)))
-    mu = base[cell_type] * size[:, None] * noise
-    prolif = [genes.index(g) for g in _PROLIFERATION]
-    mu[np.ix_(is_tumour, prolif)] *= np.exp(0.9 * state[is_tumour])[:, None]
-    cell_counts = rng.poisson(mu)
-
-    # --- spots ------------------------------------------------------------------------------------------------
-    spot_um = _hex_grid(width_um, height_um, spot_pitch_um, margin_um=spot_diameter_um / 2 + 5)
-    tree = cKDTree(np.column_stack([x_um, y_um]))
-    members = tree.query_ball_point(spot_um, r=spot_diameter_um / 2)
-    spot_mu = np.stack([mu[m].sum(axis=0) if len(m) else np.zeros(n_genes) for m in members])
-    lam = rng.gamma(dispersion, spot_mu / dispersion)
-    spot_counts = rng.poisson(lam).astype(np.float32)
-    spot_ids = [f"spot_{i}" for i in range(len(spot_um))]
+    spot_um, spot_counts, spot_ids, members = _spots(
+        rng, cells, mu, width_um, height_um, spot_diameter_um, spot_pitch_um, dispersion
+    )
     counts = pd.DataFrame(spot_counts, index=spot_ids, columns=genes)
 
     sdata = from_spots(
@@ -277,6 +324,150 @@ def synthetic_tissue(
         f"{n_genes} genes"
     )
     return sdata
+
+
+def synthetic_slide(
+    *,
+    seed: int = 0,
+    size_um: tuple[float, float] = (6250.0, 6250.0),
+    microns_per_pixel: float = 0.25,
+    spacing_scale: float = 1.27,
+    chunks: int = 2048,
+    spot_diameter_um: float = VISIUM_SPOT_DIAMETER_UM,
+    spot_pitch_um: float = VISIUM_SPOT_PITCH_UM,
+    counts_per_cell: float = 60.0,
+    dispersion: float = 20.0,
+) -> SpatialData:
+    """A whole-slide synthetic tissue whose H&E is generated lazily, block by block, never whole in memory.
+
+    The tissue of :func:`synthetic_tissue` (cell types, nuclei, expression, spots, true expression of every cell) at
+    slide scale: by default a Visium capture area (6.25 mm square, 25,000 x 25,000 px at 0.25 um/px, about 150,000
+    cells and 3,900 spots). The image is a dask array: each ``chunks``-pixel block is rendered when it is read, from the
+    cells whose nucleus or halo meets it, with noise seeded by the block and the cell, so that reading the same block
+    twice gives the same pixels. Write it to zarr to get a slide on disk (``sdata.write``, block by block).
+
+    Parameters
+    ----------
+    seed
+        Random seed; the output is deterministic per seed.
+    size_um
+        Tissue width and height in microns.
+    microns_per_pixel
+        Resolution of the rendered image.
+    spacing_scale
+        Multiplies the cell spacing of every region (1.0: the density of :func:`synthetic_tissue`).
+    chunks
+        Block size of the lazy image, in pixels.
+    spot_diameter_um, spot_pitch_um, counts_per_cell, dispersion
+        As in :func:`synthetic_tissue`.
+
+    Returns
+    -------
+    As :func:`synthetic_tissue`, with a lazy ``images['he']`` (one scale).
+    """
+    import dask.array as da
+
+    from .io import from_spots
+
+    rng = np.random.default_rng(seed)
+    mpp = float(microns_per_pixel)
+    width_um, height_um = map(float, size_um)
+    h_px, w_px = int(round(height_um / mpp)), int(round(width_um / mpp))
+    cells = _make_cells(rng, width_um, height_um, spacing_scale)
+    genes, mu, cell_counts = _express(rng, cells, counts_per_cell)
+    spot_um, spot_counts, spot_ids, members = _spots(
+        rng, cells, mu, width_um, height_um, spot_diameter_um, spot_pitch_um, dispersion
+    )
+    renderer = _BlockRenderer(cells, mpp, seed, (h_px, w_px))
+    image = da.map_blocks(
+        renderer,
+        dtype=np.uint8,
+        chunks=((3,), da.core.normalize_chunks(chunks, (h_px,))[0], da.core.normalize_chunks(chunks, (w_px,))[0]),
+        meta=np.zeros((0, 0, 0), dtype=np.uint8),
+    )
+    sdata = from_spots(
+        image,
+        spot_xy=spot_um / mpp,
+        spot_diameter_um=spot_diameter_um,
+        counts=pd.DataFrame(spot_counts, index=spot_ids, columns=genes),
+        microns_per_pixel=mpp,
+        chunks=chunks,
+    )
+    x_um, y_um, axis = cells["x_um"], cells["y_um"], cells["axis"]
+    _add_truth(sdata, x_um / mpp, y_um / mpp, axis / mpp, mu, cell_counts, genes, cells["cell_type"], mpp)
+    sdata.shapes[Key.TRUE_CELLS]["minor_radius"] = cells["minor"] / mpp
+    sdata.shapes[Key.TRUE_CELLS]["angle"] = cells["angle"]
+    sdata.tables[Key.SPOTS_COUNTS].obs[Col.N_CELLS] = np.array([len(m) for m in members])
+    logger.info(
+        f"Synthetic slide (seed {seed}): {w_px:,} x {h_px:,} px (lazy), {len(x_um):,} cells, {len(spot_um)} spots, "
+        f"{len(genes)} genes"
+    )
+    return sdata
+
+
+class _BlockRenderer:
+    """Renders one block of the lazy slide of :func:`synthetic_slide` (a picklable callable for ``map_blocks``)."""
+
+    PAD = 8  # pixels rendered around a block so that its filters see the same neighbourhood as a whole image would
+
+    def __init__(self, cells: dict, mpp: float, seed: int, shape: tuple[int, int]) -> None:
+        self.mpp, self.seed, self.shape = mpp, seed, shape
+        self.coarse, self.nest, self.immune = cells["coarse"], cells["nest"], cells["immune"]
+        self.cx, self.cy = cells["x_um"] / mpp, cells["y_um"] / mpp
+        self.a, self.b = cells["axis"] / mpp, cells["minor"] / mpp
+        self.angle, self.hema, self.type = cells["angle"], cells["hema"], cells["cell_type"]
+        halo = np.array([1.9 if _TYPES[t].halo_eosin > 0 else 1.15 for t in self.type])
+        r = np.ceil(self.a * halo).astype(int) + 2
+        self.x0, self.y0 = self.cx.astype(int) - r, self.cy.astype(int) - r
+        self.x1, self.y1 = self.cx.astype(int) + r + 1, self.cy.astype(int) + r + 1
+
+    def _field(self, field: np.ndarray, ys: np.ndarray, xs: np.ndarray) -> np.ndarray:
+        from scipy.ndimage import map_coordinates
+
+        h, w = self.shape
+        gy = (ys + 0.5) * field.shape[0] / h - 0.5
+        gx = (xs + 0.5) * field.shape[1] / w - 0.5
+        yy, xx = np.meshgrid(gy, gx, indexing="ij")
+        return map_coordinates(field, [yy, xx], order=1, mode="nearest")
+
+    def __call__(self, block_info=None) -> np.ndarray:
+        from scipy.ndimage import gaussian_filter
+
+        (y0, y1), (x0, x1) = block_info[None]["array-location"][1:]
+        p = self.PAD
+        py0, py1, px0, px1 = y0 - p, y1 + p, x0 - p, x1 + p
+        ys, xs = np.arange(py0, py1), np.arange(px0, px1)
+        region = self._field(self.nest, ys, xs) > 0.35
+        immune = (self._field(self.immune, ys, xs) > 1.1) & ~region
+        rng = np.random.default_rng([self.seed, 1, y0, x0])
+        fibres = gaussian_filter(rng.normal(size=(py1 - py0, px1 - px0)).astype(np.float32), sigma=(1.0, 3.0))
+        fibres /= fibres.std() + 1e-6
+        eosin = np.where(region, 0.30, np.where(immune, 0.22, 0.50)).astype(np.float32)
+        eosin = gaussian_filter(eosin, 2.0) * (1 + 0.25 * fibres * (~region))
+        hema_img = np.full(eosin.shape, 0.03, dtype=np.float32)
+        hit = np.flatnonzero((self.x1 > px0) & (self.x0 < px1) & (self.y1 > py0) & (self.y0 < py1))
+        for i in hit:
+            t = _TYPES[self.type[i]]
+            box = (
+                self.y0[i],
+                self.y1[i],
+                self.x0[i],
+                self.x1[i],
+            )  # the whole cell: its noise is the same in every block
+            cell_rng = np.random.default_rng([self.seed, 2, int(i)])
+            nucleus, ring = _draw_cell(t, self.a[i], self.b[i], self.cx[i], self.cy[i], self.angle[i], self.hema[i],
+                                       cell_rng, box)  # fmt: skip
+            cy0, cy1 = max(box[0], py0), min(box[1], py1)
+            cx0, cx1 = max(box[2], px0), min(box[3], px1)
+            src = np.s_[cy0 - box[0] : cy1 - box[0], cx0 - box[2] : cx1 - box[2]]
+            dst = np.s_[cy0 - py0 : cy1 - py0, cx0 - px0 : cx1 - px0]
+            hema_img[dst] = np.maximum(hema_img[dst], nucleus[src])
+            if ring is not None:
+                eosin[dst] += ring[src]
+        hema_img = gaussian_filter(hema_img, 0.6)
+        od = hema_img[p:-p, p:-p, None] * _H_OD + eosin[p:-p, p:-p, None] * _E_OD
+        rgb = 255.0 * np.exp(-od) * 0.96 + rng.normal(0, 2.5, size=od.shape)
+        return np.clip(rgb, 0, 255).astype(np.uint8).transpose(2, 0, 1)
 
 
 def _add_truth(sdata, x_px, y_px, radius_px, mu, cell_counts, genes, cell_type, mpp) -> None:

@@ -1,0 +1,248 @@
+"""Whole slides and cohorts: time and peak memory of every stage at Visium scale, and scaling over dask workers.
+
+Usage (from the repository root):
+
+    python benchmarks/slide_scale.py [--parts slide cohort million hgsc] [--workdir /tmp/scellst_slide_scale]
+
+Parts:
+
+- ``slide``: a Visium-size synthetic slide (``datasets.synthetic_slide``: 25,000 x 25,000 px at 0.25 um/px, about
+  167,000 cells, generated lazily block by block and written to zarr without ever being whole in memory) through
+  segment -> embed -> assign -> train -> predict, each stage on the disk-backed store. Prints each stage's time and
+  peak memory (this process and its children) against the targets (<= 10 min, <= 8 GiB), the nuclei found against
+  the true cells, and the cell-level Pearson of the predictions against the true expression.
+- ``cohort``: ``--cohort-slides`` smaller H&E-only slides (``--cohort-size-um`` square) predicted by
+  ``tl.run_predict`` with the model of ``slide`` on a ``LocalCluster`` of 1 and 2 workers: throughput and scaling.
+- ``million``: 1,000,000 cells predicted and written to a zarr store (synthetic features): time and peak memory.
+- ``hgsc``: the 592,349 real nucleus outlines of ``../shared/data/histolytics_hgsc/hgsc_nuclei_wsi.parquet``
+  imported, assigned to a Visium grid over the slide and embedded by shape (no image): time and peak memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+from _common import DATA, PeakRSS
+
+TARGET_S, TARGET_GIB = 600.0, 8.0
+
+
+def _single_scale(sdata):
+    """Replace the image pyramid by its level 0 (writing a lazy pyramid would render every level again)."""
+    from spatialdata.models import Image2DModel
+    from spatialdata.transformations import get_transformation
+
+    img = sdata.images["he"]
+    level0 = img["scale0"].image if hasattr(img, "keys") else img
+    tr = get_transformation(img, get_all=True)
+    sdata.images["he"] = Image2DModel.parse(
+        level0.data, dims=("c", "y", "x"), c_coords=["r", "g", "b"], transformations=tr
+    )
+    return sdata
+
+
+def _write_slide(store: Path, *, seed: int, size_um: float, he_only: bool = False) -> tuple[int, int]:
+    import scellst
+
+    sdata = _single_scale(scellst.datasets.synthetic_slide(seed=seed, size_um=(size_um, size_um)))
+    if he_only:
+        for key in ("spots", "true_cells"):
+            del sdata.shapes[key]
+        for key in list(sdata.tables):
+            del sdata.tables[key]
+    if store.exists():
+        shutil.rmtree(store)
+    sdata.write(store)
+    n_cells = 0 if he_only else len(sdata.shapes["true_cells"])
+    return int(np.prod(sdata.images["he"].shape[1:])), n_cells
+
+
+def _cell_pearson(sdata) -> tuple[float, int, int]:
+    """Mean per-gene Pearson of predicted nuclei against the true cell at the same place (within 3 um)."""
+    from scipy.spatial import cKDTree
+
+    truth = sdata.tables["true_expression"]
+    pred = sdata.tables["nuclei_expression"]
+    mpp = sdata.attrs["scellst"]["microns_per_pixel"]["he"]
+    tree = cKDTree(np.asarray(truth.obsm["spatial"]) * mpp)
+    d, j = tree.query(np.asarray(pred.obsm["spatial"]) * mpp)
+    ok = d < 3.0
+    genes = [g for g in pred.var_names if g in truth.var_names]
+    t = np.log1p(np.asarray(truth[:, genes].X)[j[ok]])
+    p = np.asarray(pred[:, genes].X)[ok]
+    r = [np.corrcoef(p[:, i], t[:, i])[0, 1] for i in range(len(genes)) if p[:, i].std() > 0 and t[:, i].std() > 0]
+    return float(np.mean(r)), int(ok.sum()), len(genes)
+
+
+def part_slide(work: Path, size_um: float) -> None:
+    import spatialdata as sd
+
+    import scellst
+
+    store = work / "slide.zarr"
+    with PeakRSS() as m:
+        n_px, n_true = _write_slide(store, seed=0, size_um=size_um)
+    print(f"slide: {int(np.sqrt(n_px)):,} x {int(np.sqrt(n_px)):,} px ({n_px / 1e6:.0f} MP), {n_true:,} true cells")
+    print(f"  generate + write to zarr (not a pipeline stage): {m.seconds:.0f} s, peak {m.peak:.2f} GiB")
+    sdata = sd.read_zarr(store)
+    stages = {}
+
+    def stage(name, func):
+        with PeakRSS() as mem:
+            out = func()
+        stages[name] = (mem.seconds, mem.peak)
+        print(f"  {name:<8} {mem.seconds:7.1f} s   peak {mem.peak:5.2f} GiB", flush=True)
+        return out
+
+    stage("segment", lambda: scellst.pp.segment_nuclei(sdata, show_progress_bar=False))
+    stage("embed", lambda: scellst.tl.embed_cells(sdata, show_progress_bar=False))
+    stage("assign", lambda: scellst.pp.assign_cells(sdata))
+    model = stage("train", lambda: scellst.tl.train(sdata, show_progress_bar=False))
+    stage("predict", lambda: scellst.tl.predict(sdata, model))
+    model.save(work / "model.pt")
+    total = sum(s for s, _ in stages.values())
+    peak = max(p for _, p in stages.values())
+    n_nuc = len(sdata.shapes["nuclei"])
+    r, n_matched, n_genes = _cell_pearson(sdata)
+    print(f"  total    {total:7.1f} s   peak {peak:5.2f} GiB   (targets <= {TARGET_S:.0f} s, <= {TARGET_GIB:.0f} GiB: "
+          f"{'met' if total <= TARGET_S and peak <= TARGET_GIB else 'NOT met'})")  # fmt: skip
+    print(f"  {n_nuc:,} nuclei found for {n_true:,} true cells; {n_matched:,} matched within 3 um; cell-level Pearson "
+          f"against the truth {r:.3f} (mean over {n_genes} genes)")  # fmt: skip
+
+
+def part_cohort(work: Path, n_slides: int, size_um: float, workers: list[int]) -> None:
+    import scellst
+
+    model = work / "model.pt"
+    if not model.exists():
+        raise SystemExit("Run the `slide` part first: the cohort is predicted with its model.")
+    slides, n_px = [], 0
+    with PeakRSS() as m:
+        for i in range(n_slides):
+            store = work / "cohort" / f"slide{i}.zarr"
+            store.parent.mkdir(parents=True, exist_ok=True)
+            px, _ = _write_slide(store, seed=100 + i, size_um=size_um, he_only=True)
+            slides.append(store)
+            n_px += px
+    print(f"cohort: {n_slides} H&E-only slides of {size_um / 1000:.2f} mm ({n_px / 1e6 / n_slides:.0f} MP each), "
+          f"written in {m.seconds:.0f} s")  # fmt: skip
+    base = None
+    for w in workers:
+        out = work / f"cohort_out_w{w}"
+        if out.exists():
+            shutil.rmtree(out)
+        with PeakRSS() as mem:
+            runs = scellst.tl.run_predict(
+                model, slides, out, n_workers=w or None, memory_limit="4GiB", show_progress_bar=False
+            )
+        cells = sum(r.n_cells for r in runs)
+        base = base or mem.seconds
+        label = f"{w} worker(s)" if w else "threads (no cluster)"
+        print(f"  {label:<20} {mem.seconds:7.1f} s   {n_px / 1e6 / mem.seconds:5.2f} MP/s   "
+              f"{cells / mem.seconds:7.0f} cells/s   speed-up x{base / mem.seconds:.2f}   peak {mem.peak:5.2f} GiB "
+              f"(all processes)", flush=True)  # fmt: skip
+
+
+def part_million(work: Path, n_cells: int) -> None:
+    import anndata as ad
+    import geopandas as gpd
+    import pandas as pd
+    import spatialdata as sd
+    from spatialdata.models import ShapesModel, TableModel
+
+    import scellst
+
+    model_path = work / "model.pt"
+    if not model_path.exists():
+        raise SystemExit("Run the `slide` part first: the cells are predicted with its model.")
+    model = scellst.models.ScellstModel.load(model_path)
+    rng = np.random.default_rng(0)
+    side = int(np.sqrt(n_cells)) + 1
+    xy = np.column_stack([np.arange(n_cells) % side, np.arange(n_cells) // side]).astype(float) * 40.0  # 10 um apart
+    ids = np.arange(1, n_cells + 1)
+    shapes = gpd.GeoDataFrame({"radius": np.full(n_cells, 12.0)}, geometry=gpd.points_from_xy(xy[:, 0], xy[:, 1]),
+                              index=pd.Index(ids, name="cell_id"))  # fmt: skip
+    x = rng.normal(size=(n_cells, len(model.feature_names))).astype(np.float32)
+    obs = pd.DataFrame({"cell_id": ids, "region": pd.Categorical(["nuclei"] * n_cells)}, index=ids.astype(str))
+    table = ad.AnnData(X=x, obs=obs, var=pd.DataFrame(index=model.feature_names))
+    table.obsm["spatial"] = xy
+    table.uns["scellst"] = {"method": model.embedding_method}
+    sdata = sd.SpatialData(
+        shapes={"nuclei": ShapesModel.parse(shapes)},
+        tables={"nuclei_embeddings": TableModel.parse(table, region="nuclei", region_key="region", instance_key="cell_id")},
+    )  # fmt: skip
+    store = work / "million.zarr"
+    if store.exists():
+        shutil.rmtree(store)
+    sdata.write(store)
+    del sdata, table, x, shapes
+    sdata = sd.read_zarr(store)
+    with PeakRSS() as mem:
+        scellst.tl.predict(sdata, model, spots_key=None)
+    size = sum(f.stat().st_size for f in (store / "tables" / "nuclei_expression").rglob("*") if f.is_file())
+    print(f"million: {n_cells:,} cells x {len(model.genes)} genes predicted (ensemble of {model.n_models}) and written "
+          f"to zarr in {mem.seconds:.1f} s ({n_cells / mem.seconds:,.0f} cells/s), peak {mem.peak:.2f} GiB, "
+          f"{size / 1024**2:.0f} MiB on disk")  # fmt: skip
+
+
+def part_hgsc(work: Path) -> None:
+    import spatialdata as sd
+
+    import scellst
+
+    path = DATA / "histolytics_hgsc" / "hgsc_nuclei_wsi.parquet"
+    mpp = 0.5  # not stated by the source; nuclear sizes suggest about 0.5 um/px
+    sdata = sd.SpatialData()
+    with PeakRSS() as m:
+        scellst.io.read_nuclei(sdata, path, microns_per_pixel=mpp)
+    n = len(sdata.shapes["nuclei"])
+    print(f"hgsc: {n:,} real nucleus outlines imported in {m.seconds:.1f} s, peak {m.peak:.2f} GiB")
+    with PeakRSS() as m:
+        scellst.io.add_spot_grid(sdata, "nuclei")
+        scellst.pp.assign_cells(sdata, spot_table_key=None)
+    spot_of = sdata.shapes["nuclei"]["spot_id"]
+    print(f"  a Visium grid of {len(sdata.shapes['spots']):,} spots over the slide, {spot_of.notna().sum():,} nuclei "
+          f"assigned in {m.seconds:.1f} s, peak {m.peak:.2f} GiB")  # fmt: skip
+    with PeakRSS() as m:
+        scellst.tl.embed_cells(sdata, method="shape", show_progress_bar=False)
+    emb = sdata.tables["nuclei_embeddings"]
+    print(f"  embedded by shape (no image): {emb.n_obs:,} x {emb.n_vars} features in {m.seconds:.1f} s, "
+          f"peak {m.peak:.2f} GiB")  # fmt: skip
+    store = work / "hgsc.zarr"
+    if store.exists():
+        shutil.rmtree(store)
+    with PeakRSS() as m:
+        sdata.write(store)
+    print(f"  written to zarr in {m.seconds:.1f} s, peak {m.peak:.2f} GiB")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--parts", nargs="+", default=["slide", "cohort", "million", "hgsc"],
+                        choices=["slide", "cohort", "million", "hgsc"])  # fmt: skip
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/scellst_slide_scale"))
+    parser.add_argument("--size-um", type=float, default=6250.0, help="side of the slide (6,250 um: 25,000 px)")
+    parser.add_argument("--cohort-slides", type=int, default=8)
+    parser.add_argument("--cohort-size-um", type=float, default=1500.0)
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="0: threads, no cluster")
+    parser.add_argument("--cells", type=int, default=1_000_000)
+    args = parser.parse_args()
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    if "slide" in args.parts:
+        part_slide(args.workdir, args.size_um)
+    if "cohort" in args.parts:
+        part_cohort(args.workdir, args.cohort_slides, args.cohort_size_um, args.workers)
+    if "million" in args.parts:
+        part_million(args.workdir, args.cells)
+    if "hgsc" in args.parts:
+        part_hgsc(args.workdir)
+    print(f"done in {time.perf_counter() - t0:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
