@@ -97,3 +97,48 @@ def test_imported_nuclei_feed_the_pipeline(processed, tmp_path):
     scellst.io.read_nuclei(sdata, full, key_added="imported")
     scellst.tl.embed_cells(sdata, "imported", show_progress_bar=False)
     assert sdata.tables["imported_embeddings"].n_obs == len(sdata.shapes["imported"])
+
+
+def test_geoparquet_outlines_without_their_image(data_dir):
+    """Real model-made outlines (histolytics HGSC crop), imported with no image, embedded by shape and assigned."""
+    import geopandas as gpd
+    import spatialdata as sd
+
+    path = data_dir / "histolytics_hgsc" / "hgsc_nest.parquet"
+    with pytest.raises(ValueError, match="has no image: pass `microns_per_pixel`"):
+        scellst.io.read_nuclei(sd.SpatialData(), path)
+    sdata = sd.SpatialData()
+    scellst.io.read_nuclei(sdata, path, microns_per_pixel=0.5)  # GeoParquet recognised from its metadata
+    nuclei = sdata.shapes["nuclei"]
+    source = gpd.read_parquet(path)
+    assert 0.98 * len(source) <= len(nuclei) <= len(source)
+    assert set(nuclei["class"].cat.categories) >= {"inflammatory", "connective", "neoplastic"}
+    np.testing.assert_allclose(nuclei["area_um2"].median(), source.geometry.area.median() * 0.25, rtol=0.05)
+    scellst.tl.embed_cells(sdata, method="shape")
+    emb = sdata.tables["nuclei_embeddings"]
+    assert emb.n_obs == len(nuclei)
+    assert emb.n_vars == 10 + 4 * 11  # own features, then density + 10 means at each of 4 radii
+    assert np.isfinite(emb.X).all()
+    area = emb[:, "area_um2"].X.ravel()
+    np.testing.assert_allclose(area, nuclei["area_um2"].to_numpy(), rtol=1e-6)
+    assert emb.uns["scellst"]["method"] == "shape"
+
+
+def test_shape_features_of_ellipses_are_their_analytic_values():
+    from shapely import affinity
+    from shapely.geometry import Point
+
+    a, b = 6.0, 3.0
+    ellipse = affinity.scale(Point(0, 0).buffer(1.0, quad_segs=256), a, b)
+    rotated = affinity.rotate(ellipse, 30, origin=(0, 0))
+    far = affinity.translate(rotated, 50_000, 60_000)  # slide coordinates: no loss of precision
+    feats = scellst.tl.shape_features([ellipse, rotated, far], microns_per_unit=0.5)
+    np.testing.assert_allclose(feats["area_um2"], np.pi * a * b * 0.25, rtol=1e-3)
+    np.testing.assert_allclose(feats["major_axis_um"], 2 * a * 0.5, rtol=1e-3)  # regionprops: 4 sqrt(eigenvalue)
+    np.testing.assert_allclose(feats["minor_axis_um"], 2 * b * 0.5, rtol=1e-3)
+    np.testing.assert_allclose(feats["eccentricity"], np.sqrt(1 - (b / a) ** 2), rtol=1e-3)
+    np.testing.assert_allclose(feats["solidity"], 1.0, rtol=1e-6)
+    np.testing.assert_allclose(feats["extent"][0], np.pi / 4, rtol=1e-3)
+    assert feats["extent"][1] < feats["extent"][0]
+    np.testing.assert_allclose(feats.iloc[2], feats.iloc[1], rtol=1e-6)
+    np.testing.assert_allclose(feats["circularity"][0], 4 * np.pi * ellipse.area / ellipse.length**2, rtol=1e-9)

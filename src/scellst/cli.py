@@ -170,7 +170,7 @@ def _train_parser(sub) -> None:
     p.add_argument("--model", default="scellst", help="model of the registry (default: scellst)")
     p.add_argument("--n-models", type=int, default=None, help="ensemble size (default: the model's own)")
     p.add_argument("--embedding", default="morphology",
-                   choices=["morphology", "ssl", "encoder", "efficientnet-lite0"],
+                   choices=["morphology", "shape", "ssl", "encoder", "efficientnet-lite0"],
                    help="how to embed cells of slides without embeddings (default: morphology)")  # fmt: skip
     p.add_argument("--encoder", type=Path, default=None, help="encoder file for --embedding ssl/encoder")
     p.add_argument("--max-epochs", type=int, default=None, help="maximum training epochs")

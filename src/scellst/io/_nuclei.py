@@ -1,4 +1,4 @@
-"""Import existing nucleus segmentations (QuPath/CellViT GeoJSON, HoVer-Net JSON, Xenium boundaries, label images)."""
+"""Import nucleus segmentations (QuPath/CellViT GeoJSON, GeoParquet, HoVer-Net JSON, Xenium boundaries, label images)."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ from .._utils import (
 if TYPE_CHECKING:
     from spatialdata import SpatialData
 
-_CLASS_KEYS = ("classification", "class", "type", "cell_type", "label")
+_CLASS_KEYS = ("classification", "class", "class_name", "type", "cell_type", "label")
 
 
 def _open_text(path: Path) -> str:
@@ -49,6 +49,33 @@ def _repair(geom) -> Any:
     polys = [g for g in getattr(geom, "geoms", []) if isinstance(g, Polygon | MultiPolygon)]
     polys = [p for g in polys for p in (g.geoms if isinstance(g, MultiPolygon) else [g])]
     return max(polys, key=lambda p: p.area) if polys else None
+
+
+def _repair_all(geoms: list) -> tuple[list, int]:
+    """Every geometry as a valid polygon (or ``None``); the number of invalid ones repaired. Vectorised checks."""
+    import shapely
+
+    arr = np.empty(len(geoms), dtype=object)
+    arr[:] = geoms
+    missing = np.array([g is None for g in arr], dtype=bool)
+    good = np.zeros(len(arr), dtype=bool)
+    present = arr[~missing]
+    if len(present):
+        good[~missing] = (
+            shapely.is_valid(present)
+            & ~shapely.is_empty(present)
+            & (shapely.get_type_id(present) == shapely.GeometryType.POLYGON)
+            & (shapely.area(present) > 0)
+        )
+    out = list(arr)
+    n_fixed = 0
+    for i in np.flatnonzero(~good & ~missing):
+        invalid = not arr[i].is_valid
+        out[i] = _repair(arr[i])
+        n_fixed += int(invalid and out[i] is not None)
+    for i in np.flatnonzero(missing):
+        out[i] = None
+    return out, n_fixed
 
 
 def _class_of(props: dict) -> str | None:
@@ -79,6 +106,21 @@ def _from_geojson(path: Path) -> tuple[list, list, list]:
         classes.append(_class_of(props))
         ids.append(feat.get("id", props.get("id", i)))
     return geoms, classes, ids
+
+
+def _is_geoparquet(path: Path) -> bool:
+    import pyarrow.parquet as pq
+
+    return b"geo" in (pq.read_schema(path).metadata or {})
+
+
+def _from_geoparquet(path: Path) -> tuple[list, list, list]:
+    import geopandas as gpd
+
+    gdf = gpd.read_parquet(path)
+    column = next((k for k in _CLASS_KEYS if k in gdf.columns), None)
+    classes = [None if pd.isna(v) else str(v) for v in gdf[column]] if column else [None] * len(gdf)
+    return list(gdf.geometry.to_numpy()), classes, list(gdf.index)
 
 
 def _from_hovernet(path: Path) -> tuple[list, list, list]:
@@ -149,10 +191,11 @@ def read_nuclei(
     sdata: SpatialData,
     path: str | Path | np.ndarray,
     *,
-    format: Literal["auto", "geojson", "hovernet", "xenium", "labels"] = "auto",
+    format: Literal["auto", "geojson", "geoparquet", "hovernet", "xenium", "labels"] = "auto",
     image_key: str | None = None,
     key_added: str = Key.NUCLEI,
     transformations: dict | None = None,
+    microns_per_pixel: float | None = None,
     overwrite: bool = False,
 ) -> None:
     """Import an existing nucleus segmentation as nucleus shapes, keeping class labels.
@@ -165,17 +208,23 @@ def read_nuclei(
         The file, or a label image array.
     format
         ``"geojson"`` (QuPath, CellViT exports: polygons in level-0 pixels of the image; classes from
-        ``properties.classification.name``, ``class`` or ``type``), ``"hovernet"`` (HoVer-Net JSON, ``nuc`` with
+        ``properties.classification.name``, ``class`` or ``type``), ``"geoparquet"`` (a GeoPandas/GeoParquet file
+        of polygons in level-0 pixels, classes from a ``class``/``class_name``/``type`` column), ``"hovernet"`` (HoVer-Net JSON, ``nuc`` with
         contours and types), ``"xenium"`` (``nucleus_boundaries.parquet`` / ``.csv(.gz)``, vertices in microns),
         ``"labels"`` (a label image of the image's level-0 size: array, ``.npy``, ``.tif`` or ``.png``).
         ``"auto"`` guesses from the file name.
     image_key
-        The H&E image the polygons refer to; pixel-frame polygons get its transformations.
+        The H&E image the polygons refer to; pixel-frame polygons get its transformations. On an object without
+        images (outlines only, e.g. a whole-slide segmentation imported without its image), pass
+        ``microns_per_pixel`` instead.
     key_added
         Name of the nucleus shapes.
     transformations
         Transformations of the new shapes; default: the image's for pixel formats, and identity to ``global``
         (microns) for Xenium.
+    microns_per_pixel
+        Pixel size of the polygons' frame when ``sdata`` has no image: the shapes get ``Scale(microns_per_pixel)``
+        to ``global`` (microns) and the pixel size is recorded for :func:`scellst.tl.embed_cells` (``"shape"``).
     overwrite
         Replace existing shapes with the same name.
 
@@ -190,7 +239,14 @@ def read_nuclei(
     from spatialdata.transformations import get_transformation
 
     check_writable(sdata, key_added, overwrite=overwrite)
-    image_key = get_key(sdata, "images", image_key, what="H&E image")
+    if len(sdata.images) == 0 and image_key is None:
+        if microns_per_pixel is None or not np.isfinite(microns_per_pixel) or microns_per_pixel <= 0:
+            raise ValueError(
+                "This SpatialData object has no image: pass `microns_per_pixel`, the pixel size of the polygons' "
+                "frame (or add the H&E image first)."
+            )
+    else:
+        image_key = get_key(sdata, "images", image_key, what="H&E image")
     if isinstance(path, np.ndarray):
         fmt, source = "labels", path
     else:
@@ -200,8 +256,10 @@ def read_nuclei(
         name = p.name.lower()
         fmt = format
         if fmt == "auto":
-            if "nucleus_boundaries" in name or name.endswith(".parquet"):
+            if "nucleus_boundaries" in name:
                 fmt = "xenium"
+            elif name.endswith(".parquet"):
+                fmt = "geoparquet" if _is_geoparquet(p) else "xenium"
             elif name.endswith((".geojson", ".geojson.gz")):
                 fmt = "geojson"
             elif name.endswith((".json", ".json.gz")):
@@ -213,11 +271,15 @@ def read_nuclei(
         source = p
     if fmt == "geojson":
         geoms, classes, ids = _from_geojson(source)
+    elif fmt == "geoparquet":
+        geoms, classes, ids = _from_geoparquet(source)
     elif fmt == "hovernet":
         geoms, classes, ids = _from_hovernet(source)
     elif fmt == "xenium":
         geoms, classes, ids = _from_xenium(source)
     elif fmt == "labels":
+        if image_key is None:
+            raise ValueError("Importing a label image needs the image it was made on (`image_key`).")
         if not isinstance(source, np.ndarray):
             from skimage.io import imread
 
@@ -228,11 +290,10 @@ def read_nuclei(
             raise ValueError(f"The label image is {arr.shape} but image {image_key!r} is {(h, w)} at level 0.")
         geoms, classes, ids = _from_labels(arr.astype(np.int64))
     else:
-        raise ValueError(f"Unknown format {fmt!r}; use 'geojson', 'hovernet', 'xenium' or 'labels'.")
+        raise ValueError(f"Unknown format {fmt!r}; use 'geojson', 'geoparquet', 'hovernet', 'xenium' or 'labels'.")
 
     n_in = len(geoms)
-    repaired = [_repair(g) for g in geoms]
-    n_fixed = sum(1 for g, r in zip(geoms, repaired, strict=True) if r is not None and g is not None and not g.is_valid)
+    repaired, n_fixed = _repair_all(geoms)
     keep = [i for i, g in enumerate(repaired) if g is not None]
     if n_fixed or len(keep) < n_in:
         logger.warning(
@@ -248,6 +309,11 @@ def read_nuclei(
     if fmt == "xenium":
         gdf["area_um2"] = gdf.geometry.area.to_numpy()
         transformations = transformations or xenium_to_global(sdata)
+    elif image_key is None:
+        from spatialdata.transformations import Scale
+
+        gdf["area_um2"] = gdf.geometry.area.to_numpy() * microns_per_pixel**2
+        transformations = transformations or {"global": Scale([microns_per_pixel] * 2, axes=("y", "x"))}
     else:
         gdf["area_um2"] = gdf.geometry.area.to_numpy() * get_microns_per_pixel(sdata, image_key) ** 2
         transformations = transformations or get_transformation(sdata.images[image_key], get_all=True)
@@ -255,4 +321,7 @@ def read_nuclei(
         gdf["class"] = pd.Categorical([classes[i] if classes[i] is not None else "unknown" for i in keep])
     shapes = ShapesModel.parse(gdf, transformations=transformations)
     write_element(sdata, key_added, shapes, overwrite=overwrite, what=f"{len(gdf):,} imported nuclei ({fmt})")
-    record_attr(sdata, Attr.SHAPES_SOURCE, key_added, image_key)
+    if image_key is None:
+        record_attr(sdata, Attr.MICRONS_PER_PIXEL, key_added, float(microns_per_pixel))
+    else:
+        record_attr(sdata, Attr.SHAPES_SOURCE, key_added, image_key)

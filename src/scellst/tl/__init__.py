@@ -2,7 +2,7 @@
 
 from ._celltypes import compare_cell_types, marker_genes, score_cell_types
 from ._crops import CellCrops, StainNormalizer, cell_crops
-from ._embed import embed_cells
+from ._embed import embed_cells, shape_features
 from ._evaluate import cross_validate, evaluate
 from ._metrics import metrics_per_gene
 from ._neighbourhood import neighbourhood_features
@@ -42,6 +42,7 @@ __all__ = [
     "score_cell_types",
     "segmentation_tiles",
     "self_train_segmenter",
+    "shape_features",
     "simulate_spots",
     "train",
     "train_segmenter",

@@ -31,8 +31,20 @@ from ._neighbourhood import DEFAULT_CONTEXT_UM, check_radii, context_feature_nam
 if TYPE_CHECKING:
     from spatialdata import SpatialData
 
-EmbedMethod = Literal["morphology", "ssl", "encoder", "efficientnet-lite0", "random"]
-EMBED_METHODS = ("morphology", "ssl", "encoder", "efficientnet-lite0", "random")
+EmbedMethod = Literal["morphology", "shape", "ssl", "encoder", "efficientnet-lite0", "random"]
+EMBED_METHODS = ("morphology", "shape", "ssl", "encoder", "efficientnet-lite0", "random")
+SHAPE_FEATURES = (
+    "area_um2",
+    "perimeter_um",
+    "major_axis_um",
+    "minor_axis_um",
+    "eccentricity",
+    "solidity",
+    "extent",
+    "circularity",
+    "neighbours_25um",
+    "nearest_neighbour_um",
+)
 
 MORPHOLOGY_FEATURES = (
     "area_um2",
@@ -245,6 +257,9 @@ def embed_cells(
 ) -> None:
     """Describe every nucleus by image features and store them as a table annotating the nucleus shapes.
 
+    ``method="shape"`` describes each nucleus by its outline only (size and shape, see :func:`shape_features`) and
+    the cell density around it, without reading any image: for outlines imported without their slide.
+
     ``method="morphology"`` computes interpretable features, in microns where they have a unit: nuclear size and
     shape, haematoxylin/eosin and colour statistics inside the nucleus, chromatin texture (intensity spread and
     gradient), the same colours in a ring of ``ring_um`` around the nucleus (cytoplasm and stroma), and the local
@@ -267,7 +282,7 @@ def embed_cells(
     shapes_key
         The nucleus shapes (from :func:`scellst.pp.segment_nuclei` or imported).
     method
-        ``"morphology"``, ``"ssl"``, ``"encoder"``, ``"efficientnet-lite0"`` or ``"random"``.
+        ``"morphology"``, ``"shape"``, ``"ssl"``, ``"encoder"``, ``"efficientnet-lite0"`` or ``"random"``.
     encoder
         For ``"ssl"``/``"encoder"``: a :class:`scellst.models.CellEncoder`, an encoder or weights file, or a torch
         module. For ``"random"``: optionally the architecture name.
@@ -280,7 +295,7 @@ def embed_cells(
     context_um
         Radii (microns) of the neighbourhood features added to each cell's own features (see
         :func:`scellst.tl.neighbourhood_features`): per radius, ``density_nb{r}um`` and ``{feature}_nb{r}um`` for every
-        feature. ``"auto"``: ``(50, 100, 200, 400)`` for ``"morphology"``, none for the neural encoders (whose hundreds of
+        feature. ``"auto"``: ``(50, 100, 200, 400)`` for ``"morphology"`` and ``"shape"``, none for the neural encoders (whose hundreds of
         features would be multiplied); ``None`` or ``()``: the cell's own features only.
     tile_size
         Tile size in level-0 pixels (morphology).
@@ -310,15 +325,18 @@ def embed_cells(
     if method not in EMBED_METHODS:
         raise ValueError(f"Unknown embedding method {method!r}; available: {', '.join(map(repr, EMBED_METHODS))}.")
     shapes_key = get_key(sdata, "shapes", shapes_key, what="nucleus shapes")
-    image_key = source_image_key(sdata, shapes_key, image_key)
     key_added = key_added or f"{shapes_key}{Key.EMBEDDINGS_SUFFIX}"
     check_writable(sdata, key_added, overwrite=overwrite)
-    mpp = get_microns_per_pixel(sdata, image_key)
     if isinstance(context_um, str) and context_um != "auto":
         raise ValueError(f"`context_um` must be 'auto', None or a list of radii in microns, got {context_um!r}.")
     radii = check_radii(
-        (DEFAULT_CONTEXT_UM if method == "morphology" else ()) if isinstance(context_um, str) else context_um
+        (DEFAULT_CONTEXT_UM if method in ("morphology", "shape") else ()) if isinstance(context_um, str) else context_um
     )
+    if method == "shape":
+        _embed_shapes(sdata, shapes_key, image_key, key_added=key_added, radii=radii, overwrite=overwrite)
+        return
+    image_key = source_image_key(sdata, shapes_key, image_key)
+    mpp = get_microns_per_pixel(sdata, image_key)
     if method != "morphology":
         _embed_with_encoder(
             sdata,
@@ -425,6 +443,118 @@ def embed_cells(
             shapes_key=shapes_key,
             image_key=image_key,
             microns_per_pixel=mpp,
+        ),
+    )
+
+
+def shape_features(polygons: Any, microns_per_unit: float) -> pd.DataFrame:
+    """Geometric features of nucleus outlines, from the polygons alone (no image), all at once.
+
+    ``area_um2``, ``perimeter_um``, ``major_axis_um`` / ``minor_axis_um`` / ``eccentricity`` (from the second moments
+    of the polygon's area, the ellipse with the same moments, as ``regionprops`` defines them on pixels),
+    ``solidity`` (area over convex hull area), ``extent`` (area over bounding-box area) and ``circularity``
+    (``4 pi area / perimeter**2``).
+
+    Parameters
+    ----------
+    polygons
+        Polygons (a GeoSeries or an array of shapely polygons), in a frame of ``microns_per_unit`` microns per unit.
+    microns_per_unit
+        The size of one coordinate unit in microns.
+    """
+    import shapely
+
+    polys = np.asarray(polygons, dtype=object)
+    rings = shapely.get_exterior_ring(polys)
+    xy, index = shapely.get_coordinates(rings, return_index=True)
+    n = len(polys)
+    first = np.searchsorted(index, np.arange(n))
+    xy = xy - xy[np.minimum(first, len(xy) - 1)][index]  # each polygon relative to its first vertex: no cancellation
+    same = index[:-1] == index[1:]
+    i0, x0, y0 = index[:-1][same], xy[:-1][same, 0], xy[:-1][same, 1]
+    x1, y1 = xy[1:][same, 0], xy[1:][same, 1]
+    cross = x0 * y1 - x1 * y0
+
+    def total(values: np.ndarray) -> np.ndarray:
+        return np.bincount(i0, weights=values, minlength=n)
+
+    area2 = total(cross)  # twice the signed area
+    with np.errstate(invalid="ignore", divide="ignore"):
+        cx = total((x0 + x1) * cross) / (3 * area2)
+        cy = total((y0 + y1) * cross) / (3 * area2)
+        mxx = total((x0 * x0 + x0 * x1 + x1 * x1) * cross) / (6 * area2) - cx**2
+        myy = total((y0 * y0 + y0 * y1 + y1 * y1) * cross) / (6 * area2) - cy**2
+        mxy = total((x0 * y1 + 2 * x0 * y0 + 2 * x1 * y1 + x1 * y0) * cross) / (12 * area2) - cx * cy
+        half_sum, root = (mxx + myy) / 2, np.sqrt(((mxx - myy) / 2) ** 2 + mxy**2)
+        l1, l2 = np.clip(half_sum + root, 0, None), np.clip(half_sum - root, 0, None)
+        area = shapely.area(polys)
+        perimeter = shapely.length(polys)
+        bounds = shapely.bounds(polys)
+        bbox = (bounds[:, 2] - bounds[:, 0]) * (bounds[:, 3] - bounds[:, 1])
+        out = pd.DataFrame(
+            {
+                "area_um2": area * microns_per_unit**2,
+                "perimeter_um": perimeter * microns_per_unit,
+                "major_axis_um": 4 * np.sqrt(l1) * microns_per_unit,
+                "minor_axis_um": 4 * np.sqrt(l2) * microns_per_unit,
+                "eccentricity": np.where(l1 > 0, np.sqrt(1 - l2 / np.where(l1 > 0, l1, 1)), 0.0),
+                "solidity": area / shapely.area(shapely.convex_hull(polys)),
+                "extent": area / bbox,
+                "circularity": np.clip(4 * np.pi * area / np.maximum(perimeter, 1e-12) ** 2, None, 1.5),
+            }
+        )
+    return out
+
+
+def _shapes_microns_per_unit(sdata: SpatialData, shapes_key: str, image_key: str | None) -> float:
+    """Microns per coordinate unit of a shapes element: recorded at import, or through its image."""
+    from .._utils import scellst_attrs
+
+    recorded = scellst_attrs(sdata).get(Attr.MICRONS_PER_PIXEL, {}).get(shapes_key)
+    if recorded is not None and image_key is None:
+        return float(recorded)
+    if len(sdata.images) == 0:
+        raise ValueError(
+            f"The microns per pixel of {shapes_key!r} are unknown: import the outlines with "
+            "`io.read_nuclei(..., microns_per_pixel=...)`, or add their H&E image."
+        )
+    image_key = source_image_key(sdata, shapes_key, image_key)
+    return get_microns_per_pixel(sdata, image_key) * affine_scale(intrinsic_to_intrinsic(sdata, shapes_key, image_key))
+
+
+def _embed_shapes(sdata, shapes_key, image_key, *, key_added, radii, overwrite) -> None:
+    """``embed_cells(method="shape")``: geometric features of the outlines and the cell density, no image read."""
+    from scipy.spatial import cKDTree
+
+    nuclei = sdata.shapes[shapes_key]
+    if len(nuclei) == 0:
+        raise ValueError(f"Shapes {shapes_key!r} are empty; segment or import nuclei first.")
+    if not nuclei.geometry.geom_type.isin(["Polygon"]).all():
+        raise TypeError(f"Shapes {shapes_key!r} must be polygons (nucleus outlines), not points or circles.")
+    scale = _shapes_microns_per_unit(sdata, shapes_key, image_key)
+    logger.info(f"Embedding {len(nuclei):,} nuclei of {shapes_key!r} by their shape ({scale:.3g} um per unit)")
+    feats = shape_features(nuclei.geometry.to_numpy(), scale)
+    xy_um = shapes_centroids(nuclei) * scale
+    tree = cKDTree(xy_um)
+    feats["neighbours_25um"] = np.asarray(tree.query_ball_point(xy_um, r=25.0, return_length=True), float) - 1
+    feats["nearest_neighbour_um"] = tree.query(xy_um, k=2)[0][:, 1] if len(xy_um) > 1 else 0.0
+    feats = feats[list(SHAPE_FEATURES)]
+    if feats.isna().any(axis=None):
+        logger.warning(f"{int(feats.isna().any(axis=1).sum()):,} degenerate outlines; their features are imputed.")
+        feats = feats.fillna(feats.median()).fillna(0.0)
+    x, names = _with_context(feats.to_numpy(dtype=np.float32), list(SHAPE_FEATURES), xy_um, radii)
+    _write_table(
+        sdata,
+        shapes_key,
+        x,
+        names,
+        key_added=key_added,
+        overwrite=overwrite,
+        uns=provenance(
+            {"method": "shape", "context_um": list(radii)},
+            function="embed_cells",
+            shapes_key=shapes_key,
+            microns_per_unit=scale,
         ),
     )
 
