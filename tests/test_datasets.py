@@ -45,3 +45,23 @@ def test_annotated_tiles(data_dir):
             assert 0.2 < tile["microns_per_pixel"] < 0.3
     with pytest.raises(ValueError, match="Unknown tile set"):
         scellst.datasets.annotated_tiles("pannuke", path=data_dir)
+
+
+def test_synthetic_slide_is_lazy_and_deterministic():
+    import dask.array as da
+
+    sdata = scellst.datasets.synthetic_slide(seed=4, size_um=(300.0, 260.0), microns_per_pixel=0.5, chunks=256)
+    from scellst._utils import image_level0
+
+    image = image_level0(sdata, "he")
+    assert isinstance(image.data, da.Array)
+    assert image.shape == (3, 520, 600)
+    assert image.data.chunks[1] == (256, 256, 8)
+    first, again = image.data.compute(), image.data.compute()
+    np.testing.assert_array_equal(first, again)
+    truth = sdata.tables["true_expression"]
+    assert truth.n_obs == len(sdata.shapes["true_cells"]) > 200
+    # nuclei are drawn dark where the true cells are: haematoxylin-rich pixels at the centres, not in between
+    xy = np.asarray(truth.obsm["spatial"]).astype(int)
+    at_cells = first[:, xy[:, 1], xy[:, 0]].mean()
+    assert at_cells < first.mean() - 30
