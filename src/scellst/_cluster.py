@@ -45,27 +45,24 @@ def dask_client(
         return
     from distributed import Client, LocalCluster
 
+    cluster = None
     if scheduler is not None:
         client = Client(scheduler)
         logger.info(f"Connected to the dask scheduler {scheduler} ({len(client.scheduler_info()['workers'])} workers)")
-        try:
-            with client.as_current():
-                yield client
-        finally:
-            client.close()
-        return
-    cluster = LocalCluster(
-        n_workers=n_workers,
-        threads_per_worker=threads_per_worker,
-        processes=True,
-        memory_limit=memory_limit,
-        dashboard_address=None,
-    )
-    client = Client(cluster)
-    logger.info(f"Started a local dask cluster of {n_workers} worker(s), memory limit {memory_limit} each")
+    else:
+        cluster = LocalCluster(
+            n_workers=n_workers,
+            threads_per_worker=threads_per_worker,
+            processes=True,
+            memory_limit=memory_limit,
+            dashboard_address=None,
+        )
+        client = Client(cluster)
+        logger.info(f"Started a local dask cluster of {n_workers} worker(s), memory limit {memory_limit} each")
     try:
         with client.as_current():
             yield client
     finally:
         client.close()
-        cluster.close()
+        if cluster is not None:
+            cluster.close()

@@ -33,18 +33,6 @@ if TYPE_CHECKING:
 
 EmbedMethod = Literal["morphology", "shape", "ssl", "encoder", "efficientnet-lite0", "random"]
 EMBED_METHODS = ("morphology", "shape", "ssl", "encoder", "efficientnet-lite0", "random")
-SHAPE_FEATURES = (
-    "area_um2",
-    "perimeter_um",
-    "major_axis_um",
-    "minor_axis_um",
-    "eccentricity",
-    "solidity",
-    "extent",
-    "circularity",
-    "neighbours_25um",
-    "nearest_neighbour_um",
-)
 
 MORPHOLOGY_FEATURES = (
     "area_um2",
@@ -73,6 +61,10 @@ MORPHOLOGY_FEATURES = (
     "neighbours_25um",
     "nearest_neighbour_um",
 )
+
+
+# the features of MORPHOLOGY_FEATURES that the outline alone gives (embed_cells(method="shape"))
+SHAPE_FEATURES = MORPHOLOGY_FEATURES[:8] + MORPHOLOGY_FEATURES[-2:]
 
 
 def _rasterize_local(polys: list, ids: np.ndarray, shape: tuple[int, int], offset: tuple[int, int]) -> np.ndarray:

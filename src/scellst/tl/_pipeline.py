@@ -179,6 +179,12 @@ def write_store(sdata: SpatialData, target: Path, *, overwrite: bool) -> None:
     with quiet_zarr():
         sdata.write(partial)
     sdata.path = None
+    _swap_into(partial, target)
+    sdata.path = target
+
+
+def _swap_into(partial: Path, target: Path) -> None:
+    """Rename a complete store to ``target``; an old ``target`` is moved aside first and removed only after."""
     if target.exists():
         old = target.with_name(f".{target.name}.old")
         if old.exists():
@@ -188,7 +194,6 @@ def write_store(sdata: SpatialData, target: Path, *, overwrite: bool) -> None:
         shutil.rmtree(old)
     else:
         partial.rename(target)
-    sdata.path = target
 
 
 def export_cells(sdata: SpatialData, out: Path, name: str, formats: Sequence[str], key: str) -> list[str]:
@@ -414,6 +419,7 @@ def run_predict(
     """
     from .._cluster import dask_client
     from ..models import ScellstModel
+    from ._train import predict
 
     if isinstance(model, str | Path):
         model = ScellstModel.load(model)
@@ -468,7 +474,7 @@ def run_predict(
                 show_progress_bar=show_progress_bar,
             )
             key = f"{Key.NUCLEI}{Key.EXPRESSION_SUFFIX}"
-            _predict_into(sdata, model)
+            predict(sdata, model, overwrite=True)
             steps.append("predict")
             run = SlideRun(name=name, source=str(path), steps=steps, n_cells=int(sdata.tables[key].n_obs))
             run.exports = export_cells(sdata, out, name, export, key) if export else []
@@ -529,31 +535,15 @@ def _open_partial(out: Path, name: str, path: Path, image: Any, mpp: float | Non
     with quiet_zarr():
         sdata.write(fresh)  # lazily, chunk by chunk; renamed once whole, so a partial store is always readable
     fresh.rename(partial)
-    sd_tiles = out / f".{name}.tiles"
-    if sd_tiles.exists():
-        shutil.rmtree(sd_tiles)  # tiles of another run of this name
+    shutil.rmtree(out / f".{name}.tiles", ignore_errors=True)  # tiles of another run of this name
     with quiet_zarr():
         return sd.read_zarr(partial), []
-
-
-def _predict_into(sdata: SpatialData, model: ScellstModel) -> None:
-    from ._train import predict
-
-    predict(sdata, model, overwrite=True)
 
 
 def _finish(out: Path, name: str, *, overwrite: bool) -> None:
     """Rename the complete partial store to ``{name}.zarr`` (replacing an old one only with ``overwrite``)."""
     partial, target = out / f".{name}.zarr.partial", out / f"{name}.zarr"
-    if target.exists():
-        if not overwrite:
-            raise FileExistsError(f"{str(target)!r} appeared during the run; pass overwrite=True to replace it.")
-        old = out / f".{name}.zarr.old"
-        if old.exists():
-            shutil.rmtree(old)
-        target.rename(old)
-        partial.rename(target)
-        shutil.rmtree(old)
-    else:
-        partial.rename(target)
+    if target.exists() and not overwrite:
+        raise FileExistsError(f"{str(target)!r} appeared during the run; pass overwrite=True to replace it.")
+    _swap_into(partial, target)
     shutil.rmtree(out / f".{name}.tiles", ignore_errors=True)
