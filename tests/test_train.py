@@ -127,3 +127,43 @@ def test_load_model_rejects_other_files(tmp_path):
     torch.save({"format_version": 99}, other)
     with pytest.raises(ValueError, match="incompatible scellst version"):
         scellst.tl.load_model(other)
+
+
+def test_parallel_members_match_sequential(processed):
+    """Members trained in threads are the members trained one after the other (same torch threads per member)."""
+    import torch
+
+    n_threads = torch.get_num_threads()
+    kw = {"n_models": 2, "max_epochs": 12, "seed": 3, "show_progress_bar": False}
+    try:
+        torch.set_num_threads(1)
+        seq = scellst.tl.train(processed, n_jobs=1, **kw)
+        torch.set_num_threads(2)  # two members at once: one torch thread each
+        par = scellst.tl.train(processed, n_jobs=2, **kw)
+    finally:
+        torch.set_num_threads(n_threads)
+    assert torch.get_num_threads() == n_threads
+    for a, b in zip(seq.members, par.members, strict=True):
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+    assert seq.history == par.history
+    assert not torch.equal(seq.members[0]["mlp.0.weight"], seq.members[1]["mlp.0.weight"])
+
+
+def test_parallel_members_stop_together():
+    """A failing member stops the others and its error (not a cancellation) reaches the caller."""
+    from scellst.tl._train import _run_parallel
+
+    stopped = []
+
+    def one(m, cancel):
+        if m == 1:
+            raise ValueError("member 1 failed")
+        while not cancel.wait(0.01):
+            pass
+        stopped.append(m)
+        raise KeyboardInterrupt
+
+    with pytest.raises(ValueError, match="member 1 failed"):
+        _run_parallel(one, 3, 2)
+    assert sorted(stopped) == [0, 2]

@@ -23,6 +23,16 @@ ElementKind = Literal["images", "labels", "points", "shapes", "tables"]
 _KINDS: tuple[ElementKind, ...] = ("images", "labels", "points", "shapes", "tables")
 
 
+def available_cores() -> int:
+    """CPU cores this process may use (its affinity mask where the OS has one, else the machine's count)."""
+    import os
+
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # macOS, Windows
+        return max(1, os.cpu_count() or 1)
+
+
 def all_element_names(sdata: SpatialData) -> list[str]:
     """Names of every element of every type."""
     names: list[str] = []

@@ -41,7 +41,7 @@ _TRAIN_OPTIONS = {
     "val_fraction",
     "embedding_scaling",
 }
-_SETTINGS_OPTIONS = {"lr", "weight_decay", "batch_size", "max_epochs", "patience", "min_delta", "device"}
+_SETTINGS_OPTIONS = {"lr", "weight_decay", "batch_size", "max_epochs", "patience", "min_delta", "device", "n_jobs"}
 
 
 def evaluate(
