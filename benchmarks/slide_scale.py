@@ -2,7 +2,7 @@
 
 Usage (from the repository root):
 
-    python benchmarks/slide_scale.py [--parts slide cohort million hgsc] [--workdir /tmp/scellst_slide_scale]
+    python benchmarks/slide_scale.py [--parts slide members cohort million hgsc] [--workdir /tmp/scellst_slide_scale]
 
 Parts:
 
@@ -11,6 +11,8 @@ Parts:
   segment -> embed -> assign -> train -> predict, each stage on the disk-backed store. Prints each stage's time and
   peak memory (this process and its children) against the targets (<= 10 min, <= 8 GiB), the nuclei found against
   the true cells, and the cell-level Pearson of the predictions against the true expression.
+- ``members``: training time per ensemble member and epoch on that slide, members one after the other
+  (``n_jobs=1``) against two at a time (``n_jobs=2``).
 - ``cohort``: ``--cohort-slides`` smaller H&E-only slides (``--cohort-size-um`` square) predicted by
   ``tl.run_predict`` with the model of ``slide`` on a ``LocalCluster`` of 1 and 2 workers: throughput and scaling.
 - ``million``: 1,000,000 cells predicted and written to a zarr store (synthetic features): time and peak memory.
@@ -112,6 +114,36 @@ def part_slide(work: Path, size_um: float) -> None:
           f"{'met' if total <= TARGET_S and peak <= TARGET_GIB else 'NOT met'})")  # fmt: skip
     print(f"  {n_nuc:,} nuclei found for {n_true:,} true cells; {n_matched:,} matched within 3 um; cell-level Pearson "
           f"against the truth {r:.3f} (mean over {n_genes} genes)")  # fmt: skip
+
+
+def part_members(work: Path) -> None:
+    """Training throughput of ensemble members one after the other (``n_jobs=1``) and two at a time (``n_jobs=2``).
+
+    Two members are trained for 4 and for 12 epochs (no early stopping) on the slide of ``slide``; the difference
+    removes the fixed costs (gene selection, training arrays), leaving the time per member-epoch.
+    """
+    import spatialdata as sd
+
+    import scellst
+
+    store = work / "slide.zarr"
+    if not store.exists():
+        raise SystemExit("Run the `slide` part first: its store holds the nuclei and embeddings trained on here.")
+    sdata = sd.read_zarr(store)
+    if "nuclei_embeddings" not in sdata.tables:
+        raise SystemExit(f"{store} has no embeddings: run the `slide` part to its end first.")
+    per_epoch = {}
+    for n_jobs in (1, 2):
+        times = {}
+        for epochs in (4, 12):
+            t0 = time.perf_counter()
+            scellst.tl.train(sdata, n_models=2, n_jobs=n_jobs, max_epochs=epochs, patience=10**6,
+                             show_progress_bar=False)  # fmt: skip
+            times[epochs] = time.perf_counter() - t0
+        per_epoch[n_jobs] = (times[12] - times[4]) / (2 * 8)
+        print(f"members: n_jobs={n_jobs}: {per_epoch[n_jobs]:.2f} s per member-epoch "
+              f"(2 members: {times[4]:.1f} s for 4 epochs, {times[12]:.1f} s for 12)", flush=True)  # fmt: skip
+    print(f"  two members at a time: x{per_epoch[1] / per_epoch[2]:.2f} faster per epoch")
 
 
 def part_cohort(work: Path, n_slides: int, size_um: float, workers: list[int]) -> None:
@@ -237,8 +269,8 @@ def part_hgsc(work: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--parts", nargs="+", default=["slide", "cohort", "million", "hgsc"],
-                        choices=["slide", "cohort", "million", "hgsc"])  # fmt: skip
+    parser.add_argument("--parts", nargs="+", default=["slide", "members", "cohort", "million", "hgsc"],
+                        choices=["slide", "members", "cohort", "million", "hgsc"])  # fmt: skip
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/scellst_slide_scale"))
     parser.add_argument("--size-um", type=float, default=6250.0, help="side of the slide (6,250 um: 25,000 px)")
     parser.add_argument("--cohort-slides", type=int, default=8)
@@ -250,6 +282,8 @@ def main() -> None:
     t0 = time.perf_counter()
     if "slide" in args.parts:
         part_slide(args.workdir, args.size_um)
+    if "members" in args.parts:
+        part_members(args.workdir)
     if "cohort" in args.parts:
         part_cohort(args.workdir, args.cohort_slides, args.cohort_size_um, args.workers)
     if "million" in args.parts:
