@@ -152,7 +152,7 @@ def test_parallel_members_match_sequential(processed):
 
 def test_parallel_members_stop_together():
     """A failing member stops the others and its error (not a cancellation) reaches the caller."""
-    from scellst.tl._train import _run_parallel
+    from scellst.tl._train import _run_members
 
     stopped = []
 
@@ -165,5 +165,5 @@ def test_parallel_members_stop_together():
         raise KeyboardInterrupt
 
     with pytest.raises(ValueError, match="member 1 failed"):
-        _run_parallel(one, 3, 2)
+        _run_members(one, 3, 2)
     assert sorted(stopped) == [0, 2]

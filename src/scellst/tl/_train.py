@@ -356,6 +356,9 @@ def _output_init(config, data: TrainingData, train_idx: np.ndarray) -> tuple[np.
     return inverse_softplus(np.maximum(data.scaled[train_idx].mean(axis=0), 1e-3)), None
 
 
+_SEED_LOCK = threading.Lock()  # torch's global generator, seeded per member while its network is built
+
+
 def fit_member(
     config,
     data: TrainingData,
@@ -528,7 +531,8 @@ def _fit_members(
     With ``settings.n_jobs > 1`` on the CPU, members train at the same time in threads that share the torch threads
     (the small per-step operations of one member cannot keep several cores busy; see :func:`_parallel_members`).
     """
-    val_masks = [validation_mask(data, val_fraction, np.random.default_rng(seed + 1000 * m)) for m in range(n_models)]
+    seeds = [seed + 1000 * m for m in range(n_models)]
+    val_masks = [validation_mask(data, val_fraction, np.random.default_rng(s)) for s in seeds]
     desc = prefix.rstrip("_") or "train"
 
     def one(m: int, cancel: threading.Event | None = None):
@@ -538,7 +542,7 @@ def _fit_members(
             data,
             val_mask=val_masks[m],
             settings=settings,
-            seed=seed + 1000 * m,
+            seed=seeds[m],
             checkpoint=None if ckdir is None else ckdir / f"{name}.pt",
             resume=resume,
             desc=f"{desc}[{m + 1}/{n_models}]" if n_models > 1 else desc,
@@ -547,14 +551,11 @@ def _fit_members(
         )
 
     if settings.device == "cpu":
-        results = _run_parallel(one, n_models, _parallel_members(config, settings, n_models))
+        results = _run_members(one, n_models, _parallel_members(config, settings, n_models))
     else:
         results = [one(m) for m in range(n_models)]
     members, histories, best_epochs = (list(x) for x in zip(*results, strict=True))
     return members, histories, best_epochs, [int(v.sum()) for v in val_masks]
-
-
-_SEED_LOCK = threading.Lock()
 
 
 def _parallel_members(config, settings: FitSettings, n_models: int) -> int:
@@ -581,7 +582,7 @@ def _member_thread(n_threads: int) -> None:
     torch.set_flush_denormal(True)
 
 
-def _run_parallel(one, n_models: int, n_jobs: int) -> list:
+def _run_members(one, n_models: int, n_jobs: int) -> list:
     """Run ``one(m, cancel)`` for every member in ``n_jobs`` threads; Ctrl-C stops them all (checkpoints saved).
 
     With ``n_jobs=1`` the members train one after the other, still in a thread of their own (see
