@@ -34,6 +34,7 @@ __all__ = [
     "synthetic_slide",
     "synthetic_tissue",
     "visium_mouse_brain",
+    "write_synthetic_visium_hd",
     "write_synthetic_xenium",
     "xenium_breast_cells",
 ]
@@ -784,6 +785,23 @@ def xenium_breast_cells(*, path: str | Path | None = None) -> AnnData:
     return ad.AnnData(X=expr.to_numpy(dtype=np.float32), obs=obs, var=pd.DataFrame(index=expr.columns.astype(str)))
 
 
+def _write_10x_h5(path: Path, counts, barcodes, genes) -> None:
+    """A 10x feature-barcode matrix (HDF5, Cell Ranger 3+ layout) of ``counts`` (barcodes x genes, sparse CSR)."""
+    import h5py
+
+    counts = counts.tocsr()  # its CSR arrays are those of the genes x barcodes CSC matrix that 10x stores
+    with h5py.File(path, "w") as f:
+        g = f.create_group("matrix")
+        g["data"], g["indices"], g["indptr"] = counts.data, counts.indices, counts.indptr
+        g["shape"] = np.array(counts.shape[::-1], dtype=np.int64)
+        g["barcodes"] = np.array([str(b).encode() for b in barcodes])
+        feats = g.create_group("features")
+        feats["name"] = np.array([str(v).encode() for v in genes])
+        feats["id"] = feats["name"][()]
+        feats["feature_type"] = np.array([b"Gene Expression"] * len(genes))
+        feats["genome"] = np.array([b"synthetic"] * len(genes))
+
+
 def write_synthetic_xenium(
     sdata: SpatialData,
     path: str | Path,
@@ -806,7 +824,6 @@ def write_synthetic_xenium(
     """
     import json
 
-    import h5py
     import scipy.sparse as sp
 
     from ._utils import affine_to_cs, get_microns_per_pixel, shapes_centroids
@@ -825,19 +842,200 @@ def write_synthetic_xenium(
     pd.DataFrame(
         {"cell_id": ids, "x_centroid": pos[:, 0], "y_centroid": pos[:, 1], "cell_area": np.pi * radius_um**2}
     ).to_csv(folder / "cells.csv.gz", index=False)
-    counts = sp.csc_matrix(np.round(np.asarray(truth.layers["counts"])).astype(np.int32).T)  # genes x cells
-    with h5py.File(folder / "cell_feature_matrix.h5", "w") as f:
-        g = f.create_group("matrix")
-        g["data"], g["indices"], g["indptr"] = counts.data, counts.indices, counts.indptr
-        g["shape"] = np.array(counts.shape, dtype=np.int64)
-        g["barcodes"] = np.array([i.encode() for i in ids])
-        feats = g.create_group("features")
-        feats["name"] = np.array([v.encode() for v in truth.var_names.astype(str)])
-        feats["id"] = feats["name"][()]
-        feats["feature_type"] = np.array([b"Gene Expression"] * truth.n_vars)
+    counts = sp.csr_matrix(np.round(np.asarray(truth.layers["counts"])).astype(np.int32))
+    _write_10x_h5(folder / "cell_feature_matrix.h5", counts, ids, truth.var_names.astype(str))
     _write_nucleus_outlines(folder / "nucleus_boundaries.csv.gz", cells, ids, to_um, offset_um)
     (folder / "experiment.xenium").write_text(json.dumps({"pixel_size": pixel_size}))
     k = mpp / pixel_size
     alignment = np.array([[k, 0, offset_um[0] / pixel_size], [0, k, offset_um[1] / pixel_size], [0, 0, 1.0]])
     np.savetxt(folder / "he_imagealignment.csv", alignment, delimiter=",")
     return alignment
+
+
+HD_BIN_SIZES_UM = (2, 8, 16)
+
+
+def _hd_bin_counts(x_um, y_um, gene, n_genes: int, bin_um: float, shape: tuple[int, int]):
+    """Transcripts binned on a square grid of ``bin_um`` (bins x genes CSR, row-major over ``shape`` = rows, cols)."""
+    import scipy.sparse as sp
+
+    rows, cols = shape
+    r = np.clip((y_um // bin_um).astype(np.int64), 0, rows - 1)
+    c = np.clip((x_um // bin_um).astype(np.int64), 0, cols - 1)
+    counts = sp.coo_matrix((np.ones(len(gene), np.int32), (r * cols + c, gene)), shape=(rows * cols, n_genes))
+    return counts.tocsr()
+
+
+def write_synthetic_visium_hd(
+    sdata: SpatialData,
+    path: str | Path,
+    *,
+    bin_sizes_um: tuple[int, ...] = HD_BIN_SIZES_UM,
+    cell_expansion_um: float = 3.0,
+    cell_segmentations: bool = True,
+    dataset_id: str = "synthetic_hd",
+    seed: int = 0,
+) -> Path:
+    """Write a :func:`synthetic_tissue` as a Visium HD Space Ranger folder, with the true cells behind every bin.
+
+    Every transcript of a true cell (``layers['counts']`` of ``tables['true_expression']``) is placed uniformly at
+    random over the cell: a disk of the nucleus' major radius plus ``cell_expansion_um``. The transcripts are then
+    binned on the 2 um grid of Visium HD and summed into the larger bins, as Space Ranger does. The folder holds
+    ``feature_slice.h5`` (layout metadata), ``binned_outputs/square_XXXum/`` (``filtered_feature_bc_matrix.h5``,
+    ``spatial/tissue_positions.parquet`` and ``spatial/scalefactors_json.json``), ``spatial/`` (hires and lowres
+    images) and ``microscope_image/`` (the full-resolution H&E as TIFF), so :func:`spatialdata_io.visium_hd` and
+    :func:`scellst.io.visium_hd` read it like a real capture area, and every cell's true expression is known.
+
+    Parameters
+    ----------
+    sdata
+        A :func:`synthetic_tissue` (with ``true_cells`` and ``true_expression``).
+    path
+        The folder to write (created; files in it are replaced).
+    bin_sizes_um
+        The bin sizes to write, multiples of 2 um.
+    cell_expansion_um
+        How far a cell's transcripts reach beyond its nucleus.
+    cell_segmentations
+        Also write Space Ranger 4's ``segmented_outputs/`` (``cell_segmentations.geojson``: each true cell's disk;
+        ``filtered_feature_cell_matrix.h5``: its transcripts), an idealised cell segmentation.
+    dataset_id
+        The prefix of the files (``{dataset_id}_feature_slice.h5``) and the coordinate system of the reader.
+    seed
+        Random seed of the transcript positions.
+
+    Returns
+    -------
+    The folder.
+    """
+    import tifffile
+    from PIL import Image
+
+    from ._utils import get_microns_per_pixel
+
+    if any(b % 2 for b in bin_sizes_um) or not bin_sizes_um:
+        raise ValueError(f"`bin_sizes_um` must be multiples of 2 um (the Visium HD grid), got {bin_sizes_um}.")
+    folder = Path(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    truth = sdata.tables[Key.TRUE_EXPRESSION]
+    cells = sdata.shapes[Key.TRUE_CELLS].set_axis(sdata.shapes[Key.TRUE_CELLS].index.astype(str))
+    cells = cells.reindex(truth.obs[Col.CELL_ID].astype(str).to_numpy())
+    mpp = get_microns_per_pixel(sdata, Key.IMAGE)
+    image = sdata.images[Key.IMAGE]
+    image = image["scale0"].image if hasattr(image, "keys") else image
+    h_px, w_px = image.shape[1:]
+    width_um, height_um = w_px * mpp, h_px * mpp
+
+    # --- transcripts: each count of a cell at a random place of the cell ----------------------------------------
+    counts = np.round(np.asarray(truth.layers["counts"])).astype(np.int64)
+    cell_of, gene = np.nonzero(counts)
+    reps = counts[cell_of, gene]
+    cell_of, gene = np.repeat(cell_of, reps), np.repeat(gene, reps)
+    radius_um = cells[Col.RADIUS].to_numpy() * mpp + cell_expansion_um
+    rho = radius_um[cell_of] * np.sqrt(rng.uniform(size=len(cell_of)))
+    theta = rng.uniform(0, 2 * np.pi, size=len(cell_of))
+    x_um = cells.geometry.x.to_numpy()[cell_of] * mpp + rho * np.cos(theta)
+    y_um = cells.geometry.y.to_numpy()[cell_of] * mpp + rho * np.sin(theta)
+    inside = (x_um >= 0) & (x_um < width_um) & (y_um >= 0) & (y_um < height_um)
+    x_um, y_um, gene, cell_of = x_um[inside], y_um[inside], gene[inside], cell_of[inside]
+
+    # --- images ---------------------------------------------------------------------------------------------
+    rgb = np.moveaxis(np.asarray(image), 0, -1)
+    (folder / "microscope_image").mkdir(exist_ok=True)
+    tifffile.imwrite(folder / "microscope_image" / "image.tif", rgb)
+    hires_scalef = min(1.0, 2000.0 / max(h_px, w_px))
+    lowres_scalef = min(1.0, 600.0 / max(h_px, w_px))
+    (folder / "spatial").mkdir(exist_ok=True)
+    for name, f in (("tissue_hires_image.png", hires_scalef), ("tissue_lowres_image.png", lowres_scalef)):
+        size = (max(1, round(w_px * f)), max(1, round(h_px * f)))
+        Image.fromarray(rgb).resize(size, Image.BILINEAR).save(folder / "spatial" / name)
+    base_factors = {
+        "tissue_hires_scalef": hires_scalef,
+        "tissue_lowres_scalef": lowres_scalef,
+        "microns_per_pixel": mpp,
+        "regist_target_img_scalef": hires_scalef,
+    }
+
+    # --- bins -----------------------------------------------------------------------------------------------
+    genes = truth.var_names.astype(str)
+    for bin_um in sorted(bin_sizes_um):
+        rows, cols = int(np.ceil(height_um / bin_um)), int(np.ceil(width_um / bin_um))
+        name = f"square_{bin_um:03d}um"
+        spatial = folder / "binned_outputs" / name / "spatial"
+        spatial.mkdir(parents=True, exist_ok=True)
+        matrix = _hd_bin_counts(x_um, y_um, gene, len(genes), float(bin_um), (rows, cols))
+        r, c = np.divmod(np.arange(rows * cols), cols)
+        barcodes = np.char.add(np.char.add(f"s_{bin_um:03d}um_", np.char.zfill(r.astype(str), 5)), "_")
+        barcodes = np.char.add(np.char.add(barcodes, np.char.zfill(c.astype(str), 5)), "-1")
+        _write_10x_h5(spatial.parent / "filtered_feature_bc_matrix.h5", matrix, barcodes, genes)
+        pd.DataFrame(
+            {
+                "barcode": barcodes,
+                "in_tissue": np.ones(rows * cols, dtype=np.int32),
+                "array_row": r.astype(np.int32),
+                "array_col": c.astype(np.int32),
+                "pxl_row_in_fullres": (r + 0.5) * bin_um / mpp,
+                "pxl_col_in_fullres": (c + 0.5) * bin_um / mpp,
+            }
+        ).to_parquet(spatial / "tissue_positions.parquet", index=False)
+        factors = {**base_factors, "bin_size_um": float(bin_um), "spot_diameter_fullres": bin_um / mpp}
+        (spatial / "scalefactors_json.json").write_text(json.dumps(factors))
+    (folder / "spatial" / "scalefactors_json.json").write_text(
+        json.dumps({**base_factors, "bin_size_um": 2.0, "spot_diameter_fullres": 2.0 / mpp})
+    )
+    if cell_segmentations:
+        _write_hd_cells(folder / "segmented_outputs", cells, radius_um / mpp, cell_of, gene, genes, base_factors)
+    _write_feature_slice(folder / f"{dataset_id}_feature_slice.h5", mpp)
+    logger.info(
+        f"Wrote a synthetic Visium HD folder {str(folder)!r}: {len(gene):,} transcripts of {len(cells):,} cells in "
+        f"bins of {', '.join(f'{b} um' for b in sorted(bin_sizes_um))}"
+    )
+    return folder
+
+
+def _write_hd_cells(folder: Path, cells, radius_px, cell_of, gene, genes, factors: dict) -> None:
+    """Space Ranger 4 ``segmented_outputs``: the cells' outlines (GeoJSON, full-res pixels) and their counts."""
+    import scipy.sparse as sp
+
+    (folder / "spatial").mkdir(parents=True, exist_ok=True)
+    n = len(cells)
+    counts = sp.coo_matrix((np.ones(len(gene), np.int32), (cell_of, gene)), shape=(n, len(genes))).tocsr()
+    ids = np.arange(1, n + 1)
+    _write_10x_h5(folder / "filtered_feature_cell_matrix.h5", counts, [f"cellid_{i:09d}-1" for i in ids], genes)
+    t = np.linspace(0, 2 * np.pi, 25)  # closed rings: the last vertex repeats the first
+    t[-1] = 0.0
+    x = (cells.geometry.x.to_numpy()[:, None] + radius_px[:, None] * np.cos(t)).round(2)
+    y = (cells.geometry.y.to_numpy()[:, None] + radius_px[:, None] * np.sin(t)).round(2)
+    features = [
+        {
+            "type": "Feature",
+            "geometry": {"type": "Polygon", "coordinates": [np.column_stack([x[i], y[i]]).tolist()]},
+            "properties": {"cell_id": int(ids[i])},
+        }
+        for i in range(n)
+    ]
+    (folder / "cell_segmentations.geojson").write_text(json.dumps({"type": "FeatureCollection", "features": features}))
+    (folder / "spatial" / "scalefactors_json.json").write_text(json.dumps({**factors, "bin_size_um": 2.0}))
+
+
+def _write_feature_slice(path: Path, mpp: float) -> None:
+    """The layout metadata of Space Ranger's ``feature_slice.h5`` (file format 1.0; identity alignment)."""
+    import h5py
+
+    pitch_px = 2.0 / mpp  # 2 um bins, spot col/row -> microscope col/row
+    to_microscope = [pitch_px, 0.0, 0.0, 0.0, pitch_px, 0.0, 0.0, 0.0, 1.0]
+    to_spot = [1 / pitch_px, 0.0, 0.0, 0.0, 1 / pitch_px, 0.0, 0.0, 0.0, 1.0]
+    identity = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0]
+    layout = {"file_format": "1.0", "transform": identity, "spot_pitch": 2.0}
+    metadata = {
+        "hd_layout_json": json.dumps(layout),
+        "transform_matrices": {
+            "spot_colrow_to_microscope_colrow": to_microscope,
+            "microscope_colrow_to_spot_colrow": to_spot,
+            "cytassist_colrow_to_spot_colrow": identity,
+            "spot_colrow_to_cytassist_colrow": identity,
+        },
+    }
+    with h5py.File(path, "w") as f:
+        f.attrs["metadata_json"] = json.dumps(metadata)

@@ -3,6 +3,7 @@
 from .._utils import set_microns_per_pixel
 from ._nuclei import read_nuclei
 from ._readers import file_microns_per_pixel, from_image, from_spots, read, visium
+from ._visium_hd import visium_hd
 from ._xenium import add_cells, read_alignment, xenium
 
 __all__ = [
@@ -15,5 +16,6 @@ __all__ = [
     "read_nuclei",
     "set_microns_per_pixel",
     "visium",
+    "visium_hd",
     "xenium",
 ]

@@ -496,8 +496,9 @@ def read(
     ----------
     path
         A zarr store (opened lazily, never modified), a Visium Space Ranger ``outs`` folder (read by
-        :func:`visium`; pass its full-resolution H&E as ``fullres_image``), or an H&E image file (SVS, NDPI, TIFF,
-        JPEG, PNG; read by :func:`from_image`, H&E-only).
+        :func:`visium`; pass its full-resolution H&E as ``fullres_image``), a Visium HD ``outs`` folder (read by
+        :func:`visium_hd`: 8 um bins become the spots), or an H&E image file (SVS, NDPI, TIFF, JPEG, PNG; read by
+        :func:`from_image`, H&E-only).
     fullres_image
         The full-resolution H&E of a Space Ranger folder.
     microns_per_pixel
@@ -515,6 +516,10 @@ def read(
 
         return sd.read_zarr(path)
     if path.is_dir():
+        from ._visium_hd import is_visium_hd, visium_hd
+
+        if is_visium_hd(path):
+            return visium_hd(path, fullres_image=fullres_image)
         if (path / "spatial").is_dir() or any(path.glob("*feature_bc_matrix*")):
             return visium(path, fullres_image=fullres_image)
         raise ValueError(

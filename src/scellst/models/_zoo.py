@@ -56,8 +56,8 @@ class MILNet(_Head):
     def forward(self, x, ctx=None):
         return self.softplus(self.mlp(x)) * self.output_scale
 
-    def spots(self, t, spot_idx, cell_index, bag_index):
-        return bag_mean(self(t["x"][cell_index]), bag_index, len(spot_idx))
+    def spots(self, t, spot_idx, cell_index, bag_index, weight=None):
+        return bag_mean(self(t["x"][cell_index]), bag_index, len(spot_idx), weight)
 
 
 class CPNNNet(_Head):
@@ -94,8 +94,8 @@ class CPNNNet(_Head):
             return torch.log1p(mixed) / self.scale + self.offset
         return mixed + self.offset
 
-    def spots(self, t, spot_idx, cell_index, bag_index):
-        return bag_mean(self(t["x"][cell_index]), bag_index, len(spot_idx))
+    def spots(self, t, spot_idx, cell_index, bag_index, weight=None):
+        return bag_mean(self(t["x"][cell_index]), bag_index, len(spot_idx), weight)
 
 
 class DeepSpot2CellNet(_Head):
@@ -122,10 +122,10 @@ class DeepSpot2CellNet(_Head):
         h = torch.cat([self.cell(x), self.spot(ctx[:, :d]), self.neighbours(ctx[:, d:])], dim=1)
         return self.softplus(self.decoder(h)) * self.output_scale
 
-    def spots(self, t, spot_idx, cell_index, bag_index):
+    def spots(self, t, spot_idx, cell_index, bag_index, weight=None):
         sidx = torch.as_tensor(spot_idx, device=t["x"].device)[bag_index]
         ctx = torch.cat([t["spot_x"][sidx], t["nb_x"][sidx]], dim=1)
-        return bag_mean(self(t["x"][cell_index], ctx), bag_index, len(spot_idx))
+        return bag_mean(self(t["x"][cell_index], ctx), bag_index, len(spot_idx), weight)
 
 
 class MISOTeacher(_Head):
@@ -169,7 +169,7 @@ class MISOTeacher(_Head):
         idx = torch.arange(len(spot_x), device=spot_x.device) if idx is None else idx
         return self.attend(spot_x, nbr, idx) * self.cal_gain + self.cal_offset
 
-    def spots(self, t, spot_idx, cell_index, bag_index):
+    def spots(self, t, spot_idx, cell_index, bag_index, weight=None):  # spots pool their cells (unweighted)
         idx = torch.as_tensor(spot_idx, device=t["x"].device)
         return self.attend(t["spot_x"], t["nbr"], idx)
 

@@ -61,7 +61,8 @@ def prepare_cells(
     """Run the steps a slide still lacks: nuclei, embeddings, assignment to spots.
 
     Each step writes its elements to the slide's store as it ends when the object is backed, so a slide whose run
-    was interrupted resumes at the first missing step.
+    was interrupted resumes at the first missing step. Cells are assigned to Visium HD bins by overlap (nuclei grown
+    by 3 um), and to other spots by centroid.
 
     Parameters
     ----------
@@ -85,6 +86,7 @@ def prepare_cells(
     The steps that ran, in order (``"segment_nuclei"``, ``"embed_cells"``, ``"assign_cells"``).
     """
     from .. import pp
+    from ..pp._assign import default_assignment
     from ._embed import embed_cells
 
     cache = None if tile_cache is None else Path(tile_cache)
@@ -116,7 +118,8 @@ def prepare_cells(
         if Col.SPOT_ID not in sdata.tables[emb_key].obs or (
             spots_table is not None and Col.N_CELLS not in spots_table.obs
         ):
-            pp.assign_cells(sdata, overwrite=True)  # the table made after an earlier assignment lacks its column
+            # overwrite: the table made after an earlier assignment lacks its column
+            pp.assign_cells(sdata, overwrite=True, **default_assignment(sdata))
             steps.append("assign_cells")
     return steps
 

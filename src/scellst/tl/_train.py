@@ -55,6 +55,7 @@ class Slide:
     spot_ids: np.ndarray
     feature_names: list[str] = field(default_factory=list)
     embedding_method: str = "unknown"
+    weights: list[np.ndarray] | None = None  # per kept spot, its cells' overlap weights (None: plain means)
 
     def subset(self, mask: np.ndarray) -> Slide:
         """The same slide restricted to some of its spots."""
@@ -63,6 +64,7 @@ class Slide:
             name=self.name,
             features=self.features,
             bags=[self.bags[i] for i in idx],
+            weights=None if self.weights is None else [self.weights[i] for i in idx],
             counts=self.counts[idx].copy(),
             spot_xy=self.spot_xy[idx],
             spot_ids=self.spot_ids[idx],
@@ -150,12 +152,7 @@ def prepare_slide(
         )
     counts = sdata.tables[spot_table_key]
     _check_counts(counts, spot_table_key)
-    spot_of = emb.obs[Col.SPOT_ID].astype(object).to_numpy()
-    assigned = pd.notna(spot_of)
-    groups = {
-        k: v.to_numpy()
-        for k, v in pd.Series(np.flatnonzero(assigned)).groupby(pd.Series(spot_of[assigned]).astype(str).to_numpy())
-    }
+    groups, weights = _spot_groups(sdata, emb, shapes_key, spots_key)
     ids = instance_ids(counts)
     lib = library_size(counts)
     has_cells = np.array([i in groups for i in ids])
@@ -192,7 +189,43 @@ def prepare_slide(
         spot_ids=kept_ids,
         feature_names=list(emb.var_names),
         embedding_method=str(emb.uns.get("scellst", {}).get("method", "unknown")),
+        weights=None if weights is None else [weights[i] for i in kept_ids],
     )
+
+
+def _group_by_spot(spot: np.ndarray, rows: np.ndarray, weight: np.ndarray | None = None) -> tuple[dict, dict | None]:
+    """``{spot: rows}`` (and ``{spot: weights}``), in a few vectorised steps (Visium HD has ~700,000 spots)."""
+    if len(spot) == 0:
+        return {}, (None if weight is None else {})
+    order = np.argsort(spot, kind="stable")
+    keys, starts = np.unique(spot[order], return_index=True)
+    cuts = starts[1:]
+    groups = dict(zip(keys.tolist(), np.split(rows[order], cuts), strict=True))
+    if weight is None:
+        return groups, None
+    return groups, dict(zip(keys.tolist(), np.split(weight[order], cuts), strict=True))
+
+
+def _spot_groups(sdata: SpatialData, emb: AnnData, shapes_key: str, spots_key: str) -> tuple[dict, dict | None]:
+    """The cells (rows of ``emb``) of each spot, and their overlap weights when the cells were assigned by overlap."""
+    from ..pp._assign import overlaps_key
+
+    o_key = overlaps_key(shapes_key)
+    if o_key not in sdata.tables:
+        spot_of = emb.obs[Col.SPOT_ID].astype(object).to_numpy()
+        assigned = np.flatnonzero(pd.notna(spot_of))
+        return _group_by_spot(spot_of[assigned].astype(str), assigned)
+    pairs = sdata.tables[o_key].obs
+    made_for = sdata.tables[o_key].uns.get("scellst", {}).get("spots_key", spots_key)
+    if made_for != spots_key:
+        raise ValueError(
+            f"tables[{o_key!r}] holds overlaps with {made_for!r}, not with {spots_key!r}: assign the cells to "
+            f"{spots_key!r} again (`scellst.pp.assign_cells(..., rule='overlap', overwrite=True)`)."
+        )
+    rows = pd.Index(instance_ids(emb)).get_indexer(pairs[Col.CELL_ID].astype(str).to_numpy())
+    ok = rows >= 0  # cells without an embedding are left out
+    spot = pairs[Col.SPOT_ID].astype(str).to_numpy()[ok]
+    return _group_by_spot(spot, rows[ok].astype(np.int64), pairs["weight"].to_numpy(np.float32)[ok])
 
 
 def robust_scale(y: np.ndarray) -> np.ndarray:
@@ -218,6 +251,7 @@ class TrainingData:
     slide_scale: np.ndarray  # slides x genes, robust scale of lognorm per slide
     feature_mean: np.ndarray
     feature_std: np.ndarray
+    weights: list[np.ndarray] | None = None  # per spot, its cells' overlap weights (None: plain means)
 
     @property
     def scaled(self) -> np.ndarray:
@@ -265,7 +299,15 @@ def build_training_data(slides: Sequence[Slide], genes: Sequence[str], embedding
         slide_scale=np.stack(scales),
         feature_mean=g_mean.astype(np.float32),
         feature_std=g_std.astype(np.float32),
+        weights=_all_weights(slides),
     )
+
+
+def _all_weights(slides: Sequence[Slide]) -> list[np.ndarray] | None:
+    """Every spot's overlap weights (ones for slides assigned by centroid), or None when no slide has weights."""
+    if all(s.weights is None for s in slides):
+        return None
+    return [w for s in slides for w in (s.weights or [np.ones(len(b), np.float32) for b in s.bags])]
 
 
 def spatial_blocks(xy: np.ndarray, fraction: float, rng: np.random.Generator, block_size: int = 12) -> np.ndarray:
@@ -315,11 +357,34 @@ class FitSettings:
     n_jobs: int = 1
 
 
-def _loss_fn(config, net, data_t, spot_idx, cell_index, bag_index):
+SMALL_BAG_CELLS = 4  # spots with at most this many cells (median) train with SMALL_BAG_BATCH spots per step
+SMALL_BAG_BATCH, SMALL_BAG_LR_GAIN = 256, 10.0
+
+
+def _small_bag_settings(slides, model: str, lr: float | None, batch_size: int | None) -> tuple[float, int]:
+    """Learning rate and batch size: the given ones, else the defaults, larger for bags of one or two cells."""
+    from ._models import default_lr
+
+    sizes = [w.sum() for s in slides for w in (s.weights or [np.ones(len(b)) for b in s.bags])]
+    small = float(np.median(sizes)) <= SMALL_BAG_CELLS  # cells per spot; with overlaps, the shares of cells
+    chosen_lr = default_lr(model) * (SMALL_BAG_LR_GAIN if small else 1.0) if lr is None else float(lr)
+    chosen_batch = (SMALL_BAG_BATCH if small else 8) if batch_size is None else int(batch_size)
+    if small and (lr is None or batch_size is None):
+        logger.info(
+            f"The median spot holds at most {SMALL_BAG_CELLS} cells: training with {chosen_batch} spots per step and "
+            f"a learning rate of {chosen_lr:g} (set `batch_size` and `lr` to choose)."
+        )
+    return chosen_lr, chosen_batch
+
+
+def _loss_fn(config, net, data_t, spot_idx, cell_index, bag_index, weight=None):
     from ..models._losses import cosine_per_slide, mse, nb_nll, poisson_nll
 
     idx = torch_index(spot_idx, data_t["x"].device)
-    pred = net.spots(data_t, spot_idx, cell_index, bag_index)
+    if weight is None:
+        pred = net.spots(data_t, spot_idx, cell_index, bag_index)
+    else:  # cells assigned by overlap: each spot is the weighted mean of the cells it overlaps
+        pred = net.spots(data_t, spot_idx, cell_index, bag_index, weight=weight)
     if config.loss == "mse":
         return mse(pred, data_t["scaled"][idx])
     if config.loss == "cosine":
@@ -440,7 +505,10 @@ def fit_member(
         cells = [data.bags[i] for i in spot_idx]
         cell_index = torch.from_numpy(np.concatenate(cells)).to(device)
         bag_index = torch.from_numpy(np.repeat(np.arange(len(cells)), [len(c) for c in cells])).to(device)
-        return cell_index, bag_index
+        if data.weights is None:
+            return cell_index, bag_index, None
+        weight = torch.from_numpy(np.concatenate([data.weights[i] for i in spot_idx]).astype(np.float32)).to(device)
+        return cell_index, bag_index, weight
 
     val_cells = _cells(val_idx) if len(val_idx) else None
     bar = tqdm(total=settings.max_epochs, initial=state["epoch"], desc=desc, disable=not settings.show_progress_bar)
@@ -774,7 +842,7 @@ def train(
     dropout: float = 0.0,
     lr: float | None = None,
     weight_decay: float = 1e-4,
-    batch_size: int = 8,
+    batch_size: int | None = None,
     max_epochs: int = 1000,
     patience: int = 30,
     val_fraction: float = 0.15,
@@ -838,9 +906,12 @@ def train(
     hidden, dropout
         Hidden layer widths (paper: three of 256) and dropout.
     lr, weight_decay
-        AdamW learning rate (``None``: 1e-3 for CPNN, 1e-4 for the others) and weight decay.
+        AdamW learning rate (``None``: 1e-3 for CPNN, 1e-4 for the others; ten times more on small bags, see
+        ``batch_size``) and weight decay.
     batch_size
-        Spots (bags) per optimisation step (ignored by ``"cosine"``, which uses one slide per step).
+        Spots (bags) per optimisation step (ignored by ``"cosine"``, which uses one slide per step). ``None``: 8
+        (the paper's), or 256 when the median spot holds at most four cells (Visium HD bins, cells made of bins; with
+        overlap bags, the cells' shares are summed), where batches of 8 would carry too few cells.
     max_epochs, patience
         Safety cap on epochs, and epochs without a validation improvement before stopping.
     val_fraction
@@ -874,7 +945,7 @@ def train(
     """
     from ..models import LOSSES
     from ..models._mil import EMBEDDING_SCALINGS
-    from ._models import default_lr, model_options, reference_genes
+    from ._models import model_options, reference_genes
 
     model_options(model, model_params)  # fail fast on an unknown model or option
 
@@ -916,8 +987,9 @@ def train(
         min_spot_fraction=min_spot_fraction,
         exclude_mt=exclude_mt,
     )
+    lr, batch_size = _small_bag_settings(slides, model, lr, batch_size)
     settings = FitSettings(
-        lr=default_lr(model) if lr is None else lr,
+        lr=lr,
         weight_decay=weight_decay,
         batch_size=batch_size,
         max_epochs=max_epochs,
