@@ -175,3 +175,17 @@ def test_run_train_on_a_visium_hd_folder(hd_folder, tmp_path):
     assert model.params["batch_size"] == 256
     assert model.params["lr"] == pytest.approx(1e-3)
     assert store.tables["nuclei_expression"].n_obs == len(store.shapes["nuclei"])
+
+
+def test_validation_blocks_of_many_bins():
+    """Above 20,000 spots the validation blocks are grid squares: fast, whole, and the asked fraction."""
+    from scellst.tl._train import spatial_blocks
+
+    r, c = np.divmod(np.arange(250 * 200), 200)
+    xy = np.column_stack([c, r]).astype(float) * 16.0  # 8 um bins at 0.5 um/px
+    val = spatial_blocks(xy, 0.15, np.random.default_rng(0))
+    assert 0.15 <= val.mean() < 0.16
+    # whole squares of about 12 bins: held-out bins have held-out neighbours
+    grid = val.reshape(250, 200)
+    neighbours = grid[1:-1, 1:-1] & (grid[:-2, 1:-1] | grid[2:, 1:-1] | grid[1:-1, :-2] | grid[1:-1, 2:])
+    assert neighbours.sum() > 0.9 * grid[1:-1, 1:-1].sum()

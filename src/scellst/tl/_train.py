@@ -310,20 +310,40 @@ def _all_weights(slides: Sequence[Slide]) -> list[np.ndarray] | None:
     return [w for s in slides for w in (s.weights or [np.ones(len(b), np.float32) for b in s.bags])]
 
 
+KMEANS_MAX_SPOTS = 20_000  # above this (Visium HD bins), validation blocks are squares of a grid, not k-means regions
+
+
+def _grid_blocks(xy: np.ndarray, block_size: int, rng: np.random.Generator) -> np.ndarray:
+    """Block of each spot: squares of a grid holding about ``block_size`` spots (linear time, for many spots)."""
+    from scipy.spatial import cKDTree
+
+    sample = xy[rng.choice(len(xy), size=min(len(xy), 5000), replace=False)]
+    spacing = float(np.median(cKDTree(xy).query(sample, k=2)[0][:, 1]))
+    side = np.sqrt(block_size) * max(spacing, 1e-9)
+    cell = np.floor((xy - xy.min(axis=0)) / side).astype(np.int64)
+    return np.unique(cell[:, 0] * (int(cell[:, 1].max()) + 1) + cell[:, 1], return_inverse=True)[1].ravel()
+
+
 def spatial_blocks(xy: np.ndarray, fraction: float, rng: np.random.Generator, block_size: int = 12) -> np.ndarray:
-    """Boolean validation mask made of whole spatial blocks (k-means regions of about ``block_size`` spots)."""
+    """Boolean validation mask made of whole spatial blocks of about ``block_size`` spots.
+
+    The blocks are k-means regions, or squares of a grid above ``KMEANS_MAX_SPOTS`` spots.
+    """
     from sklearn.cluster import KMeans
 
     n = len(xy)
     if n < 10 or fraction <= 0:
         return np.zeros(n, dtype=bool)
-    k = int(np.clip(round(n / block_size), 2, n))
-    blocks = KMeans(n_clusters=k, n_init=3, random_state=int(rng.integers(1 << 31))).fit_predict(xy)
-    val = np.zeros(n, dtype=bool)
-    for b in rng.permutation(k):
-        if val.mean() >= fraction:
-            break
-        val[blocks == b] = True
+    if n > KMEANS_MAX_SPOTS:
+        blocks = _grid_blocks(xy, block_size, rng)
+        k = int(blocks.max()) + 1
+    else:
+        k = int(np.clip(round(n / block_size), 2, n))
+        blocks = KMeans(n_clusters=k, n_init=3, random_state=int(rng.integers(1 << 31))).fit_predict(xy)
+    order = rng.permutation(k)
+    before = np.concatenate([[0], np.cumsum(np.bincount(blocks, minlength=k)[order])[:-1]])
+    chosen = order[before / n < fraction]  # blocks are added until the fraction is reached, as one at a time would
+    val = np.isin(blocks, chosen)
     if val.all():
         val[blocks == blocks[0]] = False
     return val
