@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from .._constants import Col, Key
+from .._constants import Attr, Col, Key
 from .._logging import logger
 from .._utils import (
     affine_scale,
@@ -70,7 +70,7 @@ HD_EXPAND_UM = 3.0  # Visium HD: nuclei grown by this much stand for the cells w
 def default_assignment(sdata: SpatialData, spot_table_key: str = Key.SPOTS_COUNTS) -> dict[str, Any]:
     """How the pipeline assigns cells: by overlap of nuclei grown by 3 um for Visium HD bins, else by centroid."""
     table = sdata.tables.get(spot_table_key) if spot_table_key is not None else None
-    if table is not None and table.uns.get("scellst", {}).get("platform") == "visium_hd":
+    if table is not None and table.uns.get(Attr.ROOT, {}).get("platform") == "visium_hd":
         return {"rule": "overlap", "expand_um": HD_EXPAND_UM}
     return {"rule": "centroid"}
 
@@ -147,7 +147,7 @@ def _overlaps_table(pairs: pd.DataFrame, cell_ids: np.ndarray, *, expand_um: flo
         index=pd.RangeIndex(len(pairs)).astype(str),
     )
     table = ad.AnnData(obs=obs)
-    table.uns["scellst"] = {"rule": "overlap", "expand_um": float(expand_um), "spots_key": spots_key}
+    table.uns[Attr.ROOT] = {"rule": "overlap", "expand_um": float(expand_um), "spots_key": spots_key}
     return TableModel.parse(table)
 
 

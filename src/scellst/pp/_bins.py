@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
-from .._constants import Col, Key
+from .._constants import Attr, Col, Key
 from .._logging import logger
 from .._utils import (
     apply_affine,
@@ -114,7 +114,7 @@ def bins_to_cells(
         {Col.SPOT_ID: ids, Col.REGION: pd.Categorical([key_added] * n_cells), "n_bins": n_bins}, index=ids
     )
     adata = ad.AnnData(X=counts, obs=obs, var=pd.DataFrame(index=table.var_names.astype(str)))
-    adata.uns["scellst"] = {"bins": bins_table_key, "expand_um": float(expand_um), "platform": "visium_hd"}
+    adata.uns[Attr.ROOT] = {"bins": bins_table_key, "expand_um": float(expand_um), "platform": "visium_hd"}
     shapes = nuclei[[nuclei.geometry.name] + ([Col.RADIUS] if Col.RADIUS in nuclei else [])].copy()
     shapes.index = pd.Index(ids, name=Col.SPOT_ID)
     shapes = ShapesModel.parse(shapes)  # the copy keeps the nuclei's transformations

@@ -216,7 +216,7 @@ def _spot_groups(sdata: SpatialData, emb: AnnData, shapes_key: str, spots_key: s
         assigned = np.flatnonzero(pd.notna(spot_of))
         return _group_by_spot(spot_of[assigned].astype(str), assigned)
     pairs = sdata.tables[o_key].obs
-    made_for = sdata.tables[o_key].uns.get("scellst", {}).get("spots_key", spots_key)
+    made_for = sdata.tables[o_key].uns.get(Attr.ROOT, {}).get("spots_key", spots_key)
     if made_for != spots_key:
         raise ValueError(
             f"tables[{o_key!r}] holds overlaps with {made_for!r}, not with {spots_key!r}: assign the cells to "
