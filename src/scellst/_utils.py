@@ -426,3 +426,17 @@ def resample_labels(labels: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     ys = np.minimum((np.arange(shape[0]) + 0.5) * labels.shape[0] / shape[0], labels.shape[0] - 1).astype(int)
     xs = np.minimum((np.arange(shape[1]) + 0.5) * labels.shape[1] / shape[1], labels.shape[1] - 1).astype(int)
     return labels[np.ix_(ys, xs)]
+
+
+def shapes_microns_per_unit(sdata: SpatialData, shapes_key: str, image_key: str | None = None) -> float:
+    """Microns per coordinate unit of a shapes element: recorded at import, or through its image."""
+    recorded = scellst_attrs(sdata).get(Attr.MICRONS_PER_PIXEL, {}).get(shapes_key)
+    if recorded is not None and image_key is None:
+        return float(recorded)
+    if len(sdata.images) == 0:
+        raise ValueError(
+            f"The microns per pixel of {shapes_key!r} are unknown: import the outlines with "
+            "`io.read_nuclei(..., microns_per_pixel=...)`, or add their H&E image."
+        )
+    image_key = source_image_key(sdata, shapes_key, image_key)
+    return get_microns_per_pixel(sdata, image_key) * affine_scale(intrinsic_to_intrinsic(sdata, shapes_key, image_key))

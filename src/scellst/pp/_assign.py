@@ -13,12 +13,11 @@ from .._utils import (
     affine_scale,
     apply_affine,
     get_key,
-    get_microns_per_pixel,
     instance_ids,
     intrinsic_to_intrinsic,
     persist,
     shapes_centroids,
-    source_image_key,
+    shapes_microns_per_unit,
     write_element,
 )
 
@@ -92,12 +91,6 @@ def _polygons(gdf, *, expand: float = 0.0):
     return shapely.buffer(geom, expand, quad_segs=4) if expand > 0 else geom
 
 
-def _cell_microns_per_pixel(sdata: SpatialData, shapes_key: str) -> float:
-    """Microns per unit of the shapes' intrinsic frame, through the H&E they share a coordinate system with."""
-    image_key = source_image_key(sdata, shapes_key, None)
-    return get_microns_per_pixel(sdata, image_key) * affine_scale(intrinsic_to_intrinsic(sdata, shapes_key, image_key))
-
-
 def spot_overlaps(sdata: SpatialData, shapes_key: str, spots_key: str, *, expand_um: float = 0.0) -> pd.DataFrame:
     """Every (cell, spot) pair whose outlines intersect, with the fraction of the cell's area inside the spot.
 
@@ -114,7 +107,7 @@ def spot_overlaps(sdata: SpatialData, shapes_key: str, spots_key: str, *, expand
 
     nuclei, spots = sdata.shapes[shapes_key], sdata.shapes[spots_key]
     matrix = intrinsic_to_intrinsic(sdata, shapes_key, spots_key)
-    expand_px = expand_um / _cell_microns_per_pixel(sdata, shapes_key) if expand_um > 0 else 0.0
+    expand_px = expand_um / shapes_microns_per_unit(sdata, shapes_key) if expand_um > 0 else 0.0
     cells = _polygons(nuclei, expand=expand_px)
     if not np.allclose(matrix, np.eye(3)):
         cells = shapely.transform(cells, lambda xy: apply_affine(matrix, xy))

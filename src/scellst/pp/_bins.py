@@ -16,6 +16,7 @@ from .._utils import (
     instance_ids,
     intrinsic_to_intrinsic,
     shapes_centroids,
+    shapes_microns_per_unit,
     write_element,
 )
 
@@ -70,7 +71,7 @@ def bins_to_cells(
     import shapely
     from spatialdata.models import ShapesModel, TableModel
 
-    from ._assign import _cell_microns_per_pixel, _polygons
+    from ._assign import _polygons
 
     bins_key = get_key(sdata, "shapes", bins_key, what="bin shapes")
     bins_table_key = get_key(sdata, "tables", bins_table_key, what="bin count table")
@@ -90,7 +91,7 @@ def bins_to_cells(
         raise ValueError(f"Some rows of {bins_table_key!r} have no bin in {bins_key!r}; is it their table?")
     centres = apply_affine(intrinsic_to_intrinsic(sdata, bins_key, shapes_key), shapes_centroids(bins)[pos])
     cells = _polygons(nuclei)
-    expand_px = expand_um / _cell_microns_per_pixel(sdata, shapes_key) if expand_um > 0 else 0.0
+    expand_px = expand_um / shapes_microns_per_unit(sdata, shapes_key) if expand_um > 0 else 0.0
     tree = shapely.STRtree(cells)
     owner = np.full(len(centres), -1, dtype=np.int64)
     for start in range(0, len(centres), _BIN_CHUNK):

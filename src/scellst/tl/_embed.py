@@ -22,6 +22,7 @@ from .._utils import (
     intrinsic_to_intrinsic,
     provenance,
     shapes_centroids,
+    shapes_microns_per_unit,
     source_image_key,
     to_rgb_uint8,
     write_element,
@@ -498,22 +499,6 @@ def shape_features(polygons: Any, microns_per_unit: float) -> pd.DataFrame:
     return out
 
 
-def _shapes_microns_per_unit(sdata: SpatialData, shapes_key: str, image_key: str | None) -> float:
-    """Microns per coordinate unit of a shapes element: recorded at import, or through its image."""
-    from .._utils import scellst_attrs
-
-    recorded = scellst_attrs(sdata).get(Attr.MICRONS_PER_PIXEL, {}).get(shapes_key)
-    if recorded is not None and image_key is None:
-        return float(recorded)
-    if len(sdata.images) == 0:
-        raise ValueError(
-            f"The microns per pixel of {shapes_key!r} are unknown: import the outlines with "
-            "`io.read_nuclei(..., microns_per_pixel=...)`, or add their H&E image."
-        )
-    image_key = source_image_key(sdata, shapes_key, image_key)
-    return get_microns_per_pixel(sdata, image_key) * affine_scale(intrinsic_to_intrinsic(sdata, shapes_key, image_key))
-
-
 def _embed_shapes(sdata, shapes_key, image_key, *, key_added, radii, overwrite) -> None:
     """``embed_cells(method="shape")``: geometric features of the outlines and the cell density, no image read."""
     from scipy.spatial import cKDTree
@@ -523,7 +508,7 @@ def _embed_shapes(sdata, shapes_key, image_key, *, key_added, radii, overwrite) 
         raise ValueError(f"Shapes {shapes_key!r} are empty; segment or import nuclei first.")
     if not nuclei.geometry.geom_type.isin(["Polygon"]).all():
         raise TypeError(f"Shapes {shapes_key!r} must be polygons (nucleus outlines), not points or circles.")
-    scale = _shapes_microns_per_unit(sdata, shapes_key, image_key)
+    scale = shapes_microns_per_unit(sdata, shapes_key, image_key)
     logger.info(f"Embedding {len(nuclei):,} nuclei of {shapes_key!r} by their shape ({scale:.3g} um per unit)")
     feats = shape_features(nuclei.geometry.to_numpy(), scale)
     xy_um = shapes_centroids(nuclei) * scale
