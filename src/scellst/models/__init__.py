@@ -1,6 +1,7 @@
 """Torch models. Importing this namespace does not import torch; building or running a model does."""
 
 from ._context import SpotContext
+from ._contrastive import ContrastiveConfig, ContrastiveModel
 from ._encoders import (
     ARCHITECTURES,
     CellEncoder,
@@ -22,6 +23,8 @@ __all__ = [
     "COUNT_LOSSES",
     "LOSSES",
     "CellEncoder",
+    "ContrastiveConfig",
+    "ContrastiveModel",
     "EncoderConfig",
     "MILConfig",
     "ModelSpec",

