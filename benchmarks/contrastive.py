@@ -5,8 +5,9 @@ Usage (from the repository root, with ../shared/data present):
     python benchmarks/contrastive.py [--parts prepare classify pearson] [--sections C2 C3 C4 C5] [--seed 0]
 
 - ``prepare``: segments and embeds the four sections (cached, see ``_common.her2st_section``), then adds two more
-  cell embeddings to each cached store: ImageNet EfficientNet-Lite0 (``efficientnet``) and a short MoCo v3 SSL encoder
-  trained on the cells of the four sections without expression (``ssl``; 4 epochs of 20,000 cells).
+  cell embeddings of the nuclei inside spots to each cached store: ImageNet EfficientNet-Lite0 (``efficientnet``) and
+  a short MoCo v3 SSL encoder trained on the cells of the four sections without expression (``ssl``; 4 epochs of
+  20,000 cells).
 - ``classify``: for each held-out section, ``tl.train_contrastive`` on the three others (with and without the
   batch-agnostic gene encoder), then the HER2ST expression cluster of each labelled spot is predicted from the image
   alone: a logistic regression on the spot's mean cell embedding, trained on the three other sections. Balanced
@@ -29,17 +30,29 @@ SECTIONS = ("C2", "C3", "C4", "C5")
 SSL_EPOCHS, SSL_CELLS = 4, 20_000
 
 
+def _embed_spot_cells(sdata, key: str, **kwargs) -> None:
+    """Embed only the nuclei inside spots (the only ones the spot-level comparisons read) and write the table."""
+    from spatialdata import SpatialData
+
+    import scellst
+
+    nuclei = sdata.shapes["nuclei"]
+    view = SpatialData(images=dict(sdata.images), shapes={"nuclei": nuclei[nuclei["spot_id"].notna()]})
+    view.attrs.update(sdata.attrs)
+    scellst.tl.embed_cells(view, key_added=key, show_progress_bar=False, **kwargs)
+    sdata.tables[key] = view.tables[key]
+    sdata.write_element(key)
+
+
 def prepare(sections) -> dict:
-    """The cached sections, each with ``efficientnet`` and ``ssl`` cell tables (computed once, written to the cache)."""
+    """The cached sections, each with ``efficientnet`` and ``ssl`` tables of the nuclei in spots (computed once)."""
     import scellst
 
     slides = {s: her2st_section(s) for s in sections}
     for s, sdata in slides.items():
         if "efficientnet" not in sdata.tables:
             t = time.perf_counter()
-            scellst.tl.embed_cells(
-                sdata, method="efficientnet-lite0", key_added="efficientnet", show_progress_bar=False
-            )
+            _embed_spot_cells(sdata, "efficientnet", method="efficientnet-lite0")
             print(f"{s}: EfficientNet-Lite0 embedding in {time.perf_counter() - t:.0f} s", flush=True)
     enc = CACHE / "ssl_her2st_contrastive.pt"
     if not enc.exists():
@@ -55,7 +68,7 @@ def prepare(sections) -> dict:
     for s, sdata in slides.items():
         if "ssl" not in sdata.tables:
             t = time.perf_counter()
-            scellst.tl.embed_cells(sdata, method="ssl", encoder=enc, key_added="ssl", show_progress_bar=False)
+            _embed_spot_cells(sdata, "ssl", method="ssl", encoder=enc)
             print(f"{s}: SSL embedding in {time.perf_counter() - t:.0f} s", flush=True)
     return slides
 
