@@ -24,7 +24,7 @@ def her2st_section(section: str, *, data: Path = DATA, cache: Path = CACHE, verb
     import spatialdata as sd
 
     import scellst
-    from scellst.tl._neighbourhood import DEFAULT_CONTEXT_UM
+    from scellst.im._neighbourhood import DEFAULT_CONTEXT_UM
 
     store = cache / f"her2st_{section}.zarr"
     if store.exists():
@@ -42,11 +42,11 @@ def her2st_section(section: str, *, data: Path = DATA, cache: Path = CACHE, verb
     sdata = scellst.datasets.her2st(section, path=data / "her2st")
     times["read"] = time.perf_counter() - t
     t = time.perf_counter()
-    scellst.pp.segment_nuclei(sdata, show_progress_bar=False)
+    scellst.im.segment_nuclei(sdata, show_progress_bar=False)
     times["segment"] = time.perf_counter() - t
     scellst.pp.assign_cells(sdata)
     t = time.perf_counter()
-    scellst.tl.embed_cells(sdata, show_progress_bar=False)
+    scellst.im.embed_cells(sdata, show_progress_bar=False)
     times["embed"] = time.perf_counter() - t
     cache.mkdir(parents=True, exist_ok=True)
     sdata.write(store)

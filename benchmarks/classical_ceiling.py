@@ -23,9 +23,9 @@ import numpy as np
 import pandas as pd
 from _common import DATA
 
-from scellst.pp._segment import ClassicalParams, _hematoxylin, _polygons_from_labels, rasterize_nuclei, segment_tile
-from scellst.tl import evaluate_segmentation
-from scellst.tl._segmenter import resample_labels, resample_rgb
+from scellst.bench import evaluate_segmentation
+from scellst.im._segment import ClassicalParams, _hematoxylin, _polygons_from_labels, rasterize_nuclei, segment_tile
+from scellst.im._segmenter import resample_labels, resample_rgb
 
 WORK = 0.5
 METRICS = ["precision", "recall", "f1", "dice", "aji", "pq"]

@@ -39,7 +39,7 @@ def _embed_spot_cells(sdata, key: str, **kwargs) -> None:
     nuclei = sdata.shapes["nuclei"]
     view = SpatialData(images=dict(sdata.images), shapes={"nuclei": nuclei[nuclei["spot_id"].notna()]})
     view.attrs.update(sdata.attrs)
-    scellst.tl.embed_cells(view, key_added=key, show_progress_bar=False, **kwargs)
+    scellst.im.embed_cells(view, key_added=key, show_progress_bar=False, **kwargs)
     sdata.tables[key] = view.tables[key]
     sdata.write_element(key)
 
@@ -57,7 +57,7 @@ def prepare(sections) -> dict:
     enc = CACHE / "ssl_her2st_contrastive.pt"
     if not enc.exists():
         t = time.perf_counter()
-        scellst.tl.train_ssl(
+        scellst.im.train_ssl(
             list(slides.values()), path=enc, epochs=SSL_EPOCHS, max_cells=SSL_CELLS, seed=0, show_progress_bar=False
         )
         print(
@@ -202,7 +202,7 @@ def run_folds(slides: dict, parts: list[str], seed: int) -> pd.DataFrame:
                 model = scellst.tl.train(
                     [views[s] for s in train], genes=genes, table_key=key, seed=seed, show_progress_bar=False
                 )
-                r = scellst.tl.evaluate(views[test], model, table_key=key)["pearson"].mean()
+                r = scellst.bench.evaluate(views[test], model, table_key=key)["pearson"].mean()
                 rows.append(
                     {
                         "fold": test,

@@ -48,7 +48,7 @@ def embed(sdata, method: str, encoder=None, key: str | None = None) -> float:
     import scellst
 
     t = time.perf_counter()
-    scellst.tl.embed_cells(
+    scellst.im.embed_cells(
         sdata, method=method, encoder=encoder, key_added=key or method, overwrite=True, show_progress_bar=False
     )
     return time.perf_counter() - t
@@ -66,7 +66,7 @@ def consep(epochs: int) -> None:
     t = time.perf_counter()
     for p in (enc_path, Path(str(enc_path) + ".ckpt")):
         p.unlink(missing_ok=True)
-    scellst.tl.train_ssl(sdata, path=enc_path, epochs=epochs, seed=0, show_progress_bar=False)
+    scellst.im.train_ssl(sdata, path=enc_path, epochs=epochs, seed=0, show_progress_bar=False)
     Path(str(enc_path) + ".ckpt").unlink()
     print(f"SSL on CoNSeP cells: {epochs} epochs in {time.perf_counter() - t:.0f} s", flush=True)
     print(f"{'embedding':>20} {'dim':>5} {'accuracy':>9} {'balanced':>9} {'embed s':>8}")
@@ -98,7 +98,7 @@ def gallery(sdata, key: str, out: Path, n_queries: int = 8, k: int = 7) -> None:
     queries = [rng.choice(np.flatnonzero(cls == c)) for c in np.unique(cls) for _ in range(2)][:n_queries]
     nn = NearestNeighbors(n_neighbors=k + 1).fit(x)
     _, idx = nn.kneighbors(x[queries])
-    crops = scellst.tl.cell_crops(sdata, "nuclei")
+    crops = scellst.im.cell_crops(sdata, "nuclei")
     fig, axes = plt.subplots(len(queries), k + 1, figsize=(1.2 * (k + 1), 1.3 * len(queries)))
     for r, row in enumerate(idx):
         imgs = crops.get(row)
@@ -133,7 +133,7 @@ def her2st(
         t = time.perf_counter()
         for p in (enc_path, Path(str(enc_path) + ".ckpt")):  # a fresh run, even after an interrupted one
             p.unlink(missing_ok=True)
-        scellst.tl.train_ssl(
+        scellst.im.train_ssl(
             list(slides.values()), path=enc_path, epochs=epochs, max_cells=max_cells, seed=0, show_progress_bar=False
         )
         Path(str(enc_path) + ".ckpt").unlink()
@@ -158,7 +158,7 @@ def her2st(
             )
             test = slides["C5"]
             scellst.tl.predict(test, model, table_key=key, overwrite=True)
-            corr = scellst.tl.evaluate(test)
+            corr = scellst.bench.evaluate(test)
             print(
                 f"{method:>20} {seed:>5} {corr['pearson'].mean():>8.3f} {corr['spearman'].mean():>9.3f} {dt:>21.1f}",
                 flush=True,
@@ -170,7 +170,7 @@ def throughput() -> None:
 
     sdata = her2st_section("C5", verbose=False)
     n = len(sdata.shapes["nuclei"])
-    crops = scellst.tl.cell_crops(sdata, "nuclei")
+    crops = scellst.im.cell_crops(sdata, "nuclei")
     t = time.perf_counter()
     for _ in crops.iter_tiles():
         pass
@@ -183,7 +183,7 @@ def throughput() -> None:
     path = CACHE / "ssl_timing.pt"
     for p in (path, Path(str(path) + ".ckpt")):
         p.unlink(missing_ok=True)
-    enc = scellst.tl.train_ssl(sdata, path=path, epochs=1, seed=0, show_progress_bar=False)
+    enc = scellst.im.train_ssl(sdata, path=path, epochs=1, seed=0, show_progress_bar=False)
     sec = enc.history["seconds"][0]
     print(
         f"SSL (resnet_tiny, batch 256): {sec:.0f} s per epoch of {n:,} cells -> {sec * 100_000 / n:.0f} s per 100k cells"

@@ -58,7 +58,9 @@ def part_loso(slides, seed: int) -> pd.DataFrame:
         "deepspot2cell": {"model": "deepspot2cell"},
         "miso": {"model": "miso"},
     }
-    df = scellst.tl.cross_validate(slides, models=models, baselines=("ridge", "spot_mlp"), n_genes=N_GENES, seed=seed)
+    df = scellst.bench.cross_validate(
+        slides, models=models, baselines=("ridge", "spot_mlp"), n_genes=N_GENES, seed=seed
+    )
     table = _mean_by_fold(df)
     _print("Leave-one-section-out (same embeddings, same genes per fold):", table)
     base = table.loc["spot_mlp", list(slides)]
@@ -83,7 +85,7 @@ def part_ablation(slides, seed: int) -> pd.DataFrame:
     """One change at a time, on single networks (embeddings rebuilt in memory from the cells' own features)."""
     import scellst
     from scellst._utils import get_microns_per_pixel
-    from scellst.tl._neighbourhood import context_feature_names
+    from scellst.im._neighbourhood import context_feature_names
 
     one = {"n_models": 1}
 
@@ -94,7 +96,7 @@ def part_ablation(slides, seed: int) -> pd.DataFrame:
             if not radii:
                 return own, names
             xy = np.asarray(t.obsm["spatial"]) * get_microns_per_pixel(s, "he")
-            ctx = scellst.tl.neighbourhood_features(xy, own, radii)
+            ctx = scellst.im.neighbourhood_features(xy, own, radii)
             return np.concatenate([own, ctx], axis=1), names + context_feature_names(names, radii)
 
         return x_of
@@ -108,7 +110,7 @@ def part_ablation(slides, seed: int) -> pd.DataFrame:
     ):
         key = "ablation_" + "_".join(str(r) for r in radii)
         _with_table(slides, key, variant(radii))
-        df = scellst.tl.cross_validate(slides, models={label: one}, baselines=(), n_genes=N_GENES, seed=seed,
+        df = scellst.bench.cross_validate(slides, models={label: one}, baselines=(), n_genes=N_GENES, seed=seed,
                                        table_key=key)  # fmt: skip
         rows.append(df)
         print(f"  {label}: {df.groupby('fold')['pearson'].mean().mean():.3f}", flush=True)
@@ -118,7 +120,7 @@ def part_ablation(slides, seed: int) -> pd.DataFrame:
         "global instead of per-slide feature scaling": {**one, "embedding_scaling": "global"},
         "patience 100 epochs (default 30)": {**one, "patience": 100},
     }
-    rows.append(scellst.tl.cross_validate(slides, models=settings, baselines=(), n_genes=N_GENES, seed=seed))
+    rows.append(scellst.bench.cross_validate(slides, models=settings, baselines=(), n_genes=N_GENES, seed=seed))
     table = _mean_by_fold(pd.concat(rows, ignore_index=True))
     _print("Ablation on one network (each row changes one thing; the default ensembles five):", table)
     return table
@@ -145,7 +147,7 @@ def part_curve(slides, seed: int, *, genes_from: str = "fixed") -> pd.DataFrame:
                 genes = fixed if genes_from == "fixed" else scellst.pp.select_genes(train, n_genes=N_GENES)
                 model = scellst.tl.train(train, genes=genes, seed=seed, show_progress_bar=False)
                 seconds = time.perf_counter() - t0
-                r = scellst.tl.evaluate(slides[test], model)["pearson"].mean()
+                r = scellst.bench.evaluate(slides[test], model)["pearson"].mean()
                 rows.append({"test": test, "n_sections": k, "train": "+".join(subset), "pearson": r, "seconds": seconds,
                              "best_epochs": model.params["best_epochs"]})  # fmt: skip
                 print(f"  {'+'.join(subset):>10} -> {test}: {r:.3f} ({seconds:.0f} s, best epochs "
@@ -204,9 +206,9 @@ def _perturbed_slide(section: str, name: str, target_rgb: np.ndarray):
 
         new.shapes["nuclei"] = ShapesModel.parse(src.shapes["nuclei"].copy())  # keeps its transformations
     else:
-        scellst.pp.segment_nuclei(new, show_progress_bar=False)
+        scellst.im.segment_nuclei(new, show_progress_bar=False)
     scellst.pp.assign_cells(new)
-    scellst.tl.embed_cells(new, show_progress_bar=False)
+    scellst.im.embed_cells(new, show_progress_bar=False)
     new.write(store)
     return sd.read_zarr(store)
 
@@ -225,12 +227,12 @@ def part_stain(slides, seed: int, *, tests, shifts=STAIN_SHIFTS) -> pd.DataFrame
     for test in tests:
         model = scellst.tl.train([slides[n] for n in names if n != test], n_top_genes=N_GENES, seed=seed,
                                  show_progress_bar=False)  # fmt: skip
-        clean = scellst.tl.evaluate(slides[test], model)["pearson"].mean()
+        clean = scellst.bench.evaluate(slides[test], model)["pearson"].mean()
         row = {"test": test, "original": clean}
         for shift in shifts:
             t0 = time.perf_counter()
             shifted = _perturbed_slide(test, shift, target)
-            row[shift] = scellst.tl.evaluate(shifted, model)["pearson"].mean()
+            row[shift] = scellst.bench.evaluate(shifted, model)["pearson"].mean()
             n = len(shifted.shapes["nuclei"])
             print(f"  {test} {shift}: {row[shift]:.3f} (original {clean:.3f}; {n:,} nuclei; "
                   f"{time.perf_counter() - t0:.0f} s)", flush=True)  # fmt: skip
@@ -256,7 +258,7 @@ def part_stability(slides, seed: int) -> None:
     for s in (seed, seed + 1):
         model = scellst.tl.train(train, genes=genes, seed=s, show_progress_bar=False)
         preds.append(model.predict_cells(slide.features))
-        scores.append(scellst.tl.evaluate(test, model)["pearson"].mean())
+        scores.append(scellst.bench.evaluate(test, model)["pearson"].mean())
     agree = within_spot_agreement(preds[0], preds[1], slide.bags)
     spread = np.mean([np.mean([p[b].std(axis=0).mean() for b in slide.bags]) for p in preds])
     between = np.mean([p.std(axis=0).mean() for p in preds])

@@ -47,7 +47,7 @@ def main() -> None:
     scellst.tl.predict(test, model, overwrite=True)
     cells = test.tables["nuclei_expression"]
     print(
-        f"C5: {cells.n_obs:,} cells predicted; spot-level mean Pearson {scellst.tl.evaluate(test)['pearson'].mean():.3f}"
+        f"C5: {cells.n_obs:,} cells predicted; spot-level mean Pearson {scellst.bench.evaluate(test)['pearson'].mean():.3f}"
     )
 
     x = pd.DataFrame(cells.X, columns=cells.var_names)

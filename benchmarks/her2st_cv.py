@@ -33,7 +33,7 @@ def main() -> None:
     t0 = time.perf_counter()
     for spec in args.gene_sets:
         flavor, n = spec.split(":")
-        df = scellst.tl.cross_validate(
+        df = scellst.bench.cross_validate(
             slides, models=models, baselines=("ridge", "spot_mlp"), flavor=flavor, n_genes=int(n), seed=args.seed
         )
         df.insert(0, "genes", f"top {n} {flavor.upper()}")

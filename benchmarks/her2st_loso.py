@@ -50,7 +50,7 @@ def main() -> None:
         for s, x in zip(train, originals, strict=False):
             s.tables["spots_counts"].X = x
         scellst.tl.predict(test, model, overwrite=True)
-        corr = scellst.tl.evaluate(test)
+        corr = scellst.bench.evaluate(test)
         results[label] = corr
         print(
             f"{label:>22}: mean Pearson {corr['pearson'].mean():.3f}, mean Spearman {corr['spearman'].mean():.3f} "

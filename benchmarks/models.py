@@ -71,7 +71,7 @@ def her2st(args, reference) -> None:
         "miso": {"model": "miso"},
     }
     t0 = time.perf_counter()
-    df = scellst.tl.cross_validate(
+    df = scellst.bench.cross_validate(
         slides,
         models=models,
         baselines=("ridge", "spot_mlp"),
@@ -105,7 +105,7 @@ def her2st(args, reference) -> None:
         truth = scellst.pp._genes.lognorm(test.counts, genes)
         if name == "miso":
             student = model.predict_spots(test.features, test.bags)  # no positions: the student's bag means
-            rows.append(scellst.tl.metrics_per_gene(student, truth, genes)["pearson"].mean())
+            rows.append(scellst.bench.metrics_per_gene(student, truth, genes)["pearson"].mean())
     print(f"MISO student (cell model, spot = mean of its cells): mean Pearson {np.mean(rows):.3f} over folds")
 
     # CPNN type weights against stereoscope, per type, pooled over the held-out sections
@@ -149,7 +149,7 @@ def simulation(args, reference) -> None:
     cells = cell_table("ssl")
     for variant in args.variants:
         sub, kw = variant_cells(cells, variant)
-        sim = scellst.tl.simulate_spots(
+        sim = scellst.bench.simulate_spots(
             sub,
             reference,
             scenario="cell",
@@ -161,7 +161,7 @@ def simulation(args, reference) -> None:
             **kw,
         )
         t0 = time.perf_counter()
-        df = scellst.tl.benchmark_simulation(
+        df = scellst.bench.benchmark_simulation(
             sim,
             models=("mil", "cpnn", "deepspot2cell", "miso", "supervised", "oracle"),
             reference=reference,

@@ -17,7 +17,7 @@ Usage (from the repository root, with ../shared/data present):
    scored on images 8-14, with per-class detection F1.
 3. Speed (megapixels of the input per second) and peak memory of the classical segmenter on a dask-backed synthetic
    slide of ``--large`` x ``--large`` px that is never loaded whole; then the time to cut 64 training tiles from its
-   nuclei with ``scellst.tl.segmentation_tiles`` (as from a Xenium section's nucleus boundaries).
+   nuclei with ``scellst.im.segmentation_tiles`` (as from a Xenium section's nucleus boundaries).
 4. Nuclei per spot on the HER2ST sections, and an overlay PNG (benchmarks/results/her2st_C2_overlay.png).
 5. With ``--self-train``: ``self_train_segmenter`` on MoNuSeg, no annotations used for training: (a) trained on
    the 13 tiles themselves and scored on them (what a user does on a slide), (b) trained on the even / odd tiles and
@@ -46,14 +46,14 @@ def segment(image, mpp, method="classical", **kwargs):
     import scellst
 
     sdata = scellst.io.from_image(image, microns_per_pixel=mpp)
-    scellst.pp.segment_nuclei(sdata, method=method, show_progress_bar=False, **kwargs)
+    scellst.im.segment_nuclei(sdata, method=method, show_progress_bar=False, **kwargs)
     labels = np.asarray(sdata.labels["nuclei_labels"].data).astype(np.int64)
     classes = sdata.shapes["nuclei"]["class"].astype(str).to_dict() if "class" in sdata.shapes["nuclei"] else None
     return labels, classes
 
 
 def score(images, masks, mpps, method, true_classes=None, **kwargs):
-    from scellst.tl import evaluate_segmentation
+    from scellst.bench import evaluate_segmentation
 
     segment(images[0], mpps[0], method, **kwargs)  # warm-up (imports, network build): not timed
     rows, seconds, mp = [], 0.0, 0.0
@@ -151,7 +151,7 @@ def monuseg(
         test = held_out[k]
         train = [i for i in range(len(tiles)) if i not in test]
         t0 = time.perf_counter()
-        model = scellst.tl.train_segmenter(
+        model = scellst.im.train_segmenter(
             [imgs[i] for i in train] + extra_imgs,
             [masks[i] for i in train] + extra_masks,
             microns_per_pixel=[mpps[i] for i in train] + [0.25] * len(extra_imgs),
@@ -192,7 +192,7 @@ def self_training(tiles: list[dict], classical: list[dict], rounds: int, seed: i
     def train(idx: list[int]):
         t0 = time.perf_counter()
         kw = {"rounds": rounds, "n_patches": len(idx), "seed": seed, "show_progress_bar": False}
-        model = scellst.tl.self_train_segmenter([slides[i] for i in idx], **kw)
+        model = scellst.im.self_train_segmenter([slides[i] for i in idx], **kw)
         return model, time.perf_counter() - t0
 
     model, train_s = train(list(range(len(tiles))))
@@ -234,7 +234,7 @@ def fine_tuning(
     extra_imgs, extra_masks = extra_training_set(tuple(extra))
     t0 = time.perf_counter()
     kw = {"show_progress_bar": False, "seed": seed}
-    public = scellst.tl.train_segmenter(extra_imgs, extra_masks, microns_per_pixel=0.25, **kw, **unet_kwargs)
+    public = scellst.im.train_segmenter(extra_imgs, extra_masks, microns_per_pixel=0.25, **kw, **unet_kwargs)
     train_s = time.perf_counter() - t0
     rows, speed = score(imgs, masks, mpps, public)
     print(
@@ -254,7 +254,7 @@ def _fine_tune_folds(tiles, public, public_rows, fine_steps, n, kw) -> None:
     for k, test in enumerate(monuseg_folds(len(tiles), 2)):
         train = [i for i in range(len(tiles)) if i not in test][:n]
         t0 = time.perf_counter()
-        tuned = scellst.tl.train_segmenter(
+        tuned = scellst.im.train_segmenter(
             [imgs[i] for i in train],
             [masks[i] for i in train],
             microns_per_pixel=[mpps[i] for i in train],
@@ -300,7 +300,7 @@ def consep(unet_kwargs: dict, unet: bool = True) -> None:
     if not unet:
         return
     t0 = time.perf_counter()
-    model = scellst.tl.train_segmenter(
+    model = scellst.im.train_segmenter(
         [imgs[i] for i in train],
         [masks[i] for i in train],
         classes=[cls_maps[i] for i in train],
@@ -335,7 +335,7 @@ def large(size: int) -> None:
     sdata = scellst.io.from_image(slide, microns_per_pixel=0.5)
     before = peak_memory_gib()
     t0 = time.perf_counter()
-    scellst.pp.segment_nuclei(sdata, show_progress_bar=False)
+    scellst.im.segment_nuclei(sdata, show_progress_bar=False)
     dt = time.perf_counter() - t0
     n = len(sdata.shapes["nuclei"])
     print(
@@ -346,7 +346,7 @@ def large(size: int) -> None:
     )
     # training tiles from these outlines, as from a Xenium section's nucleus boundaries
     t0 = time.perf_counter()
-    tiles = scellst.tl.segmentation_tiles(sdata, "nuclei", max_tiles=64, show_progress_bar=False)
+    tiles = scellst.im.segmentation_tiles(sdata, "nuclei", max_tiles=64, show_progress_bar=False)
     dt = time.perf_counter() - t0
     print(
         f"segmentation_tiles on its {n:,} outlines: {len(tiles['images'])} tiles of 128 um in {dt:.1f} s; peak memory "
@@ -392,7 +392,7 @@ def her2st(self_rounds: int | None = None) -> None:
     for s in ("C2", "C3", "C4", "C5"):
         sdata = scellst.datasets.her2st(s, path=DATA / "her2st")
         t0 = time.perf_counter()
-        scellst.pp.segment_nuclei(sdata, show_progress_bar=False)
+        scellst.im.segment_nuclei(sdata, show_progress_bar=False)
         dt = time.perf_counter() - t0
         h, w = sdata.images["he"]["scale0"].image.shape[1:]
         print(
@@ -405,10 +405,10 @@ def her2st(self_rounds: int | None = None) -> None:
         _overlay(sdata, ["nuclei_labels"], CACHE / "her2st_C2_overlay.png")
         if self_rounds:
             t0 = time.perf_counter()
-            model = scellst.tl.self_train_segmenter(sdata, rounds=self_rounds, show_progress_bar=False)
+            model = scellst.im.self_train_segmenter(sdata, rounds=self_rounds, show_progress_bar=False)
             train_s = time.perf_counter() - t0
             t0 = time.perf_counter()
-            scellst.pp.segment_nuclei(sdata, method=model, key_added="nuclei_self", show_progress_bar=False)
+            scellst.im.segment_nuclei(sdata, method=model, key_added="nuclei_self", show_progress_bar=False)
             dt = time.perf_counter() - t0
             print(
                 f"HER2ST C2, U-Net self-trained on it ({self_rounds} rounds, {train_s:.0f} s of training at "
@@ -426,7 +426,7 @@ def resolution_check() -> None:
 
     import scellst
     from scellst._utils import get_microns_per_pixel, image_level0
-    from scellst.pp._segment import NUCLEUS_SCALE_MAX_UM, nucleus_scale_um
+    from scellst.im._segment import NUCLEUS_SCALE_MAX_UM, nucleus_scale_um
 
     def lazy(rgb):
         return xr.DataArray(np.moveaxis(rgb, -1, 0), dims=("c", "y", "x"))

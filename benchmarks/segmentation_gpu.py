@@ -16,7 +16,7 @@ Each fold trains one U-Net (``train_segmenter``, 0.25 um/px, the fold's MoNuSeg 
 it, means over tiles as in ``benchmarks/segmentation.py``).
 
 Why not ``benchmarks/segmentation.py --device cuda``: GPU machines often have torch but not the SpatialData stack, so
-this script loads only scellst's segmentation modules (``scellst.tl._segmenter``, ``scellst.models._unet``, the
+this script loads only scellst's segmentation modules (``scellst.im._segmenter``, ``scellst.models._unet``, the
 metrics and ``scellst.datasets``: numpy, scipy, scikit-image, pandas, torch) without the package's top-level import.
 It scores a tile as ``segment_nuclei`` does for an image smaller than one tile (2048 px): resample to the model's
 resolution, segment, resample the labels back. On the saved fold-1 model of benchmarks.md both paths give F1 0.662,
@@ -51,9 +51,9 @@ def _load_modules():
             module.__path__ = [str(sub)]
             sys.modules[name] = module
     from scellst import datasets
+    from scellst.im._segmentation_metrics import evaluate_segmentation
+    from scellst.im._segmenter import resample_labels, resample_rgb, train_segmenter
     from scellst.models._unet import NucleusUNet
-    from scellst.tl._segmentation_metrics import evaluate_segmentation
-    from scellst.tl._segmenter import resample_labels, resample_rgb, train_segmenter
 
     return datasets, NucleusUNet, evaluate_segmentation, resample_labels, resample_rgb, train_segmenter
 

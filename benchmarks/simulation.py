@@ -39,13 +39,13 @@ def cell_table(embedding: str):
     if embedding == "ssl":
         enc = CACHE / "ssl_consep.pt"
         if not enc.exists():
-            scellst.tl.train_ssl(sdata, path=enc, epochs=15, seed=0, show_progress_bar=False)
+            scellst.im.train_ssl(sdata, path=enc, epochs=15, seed=0, show_progress_bar=False)
             Path(str(enc) + ".ckpt").unlink()
-        scellst.tl.embed_cells(sdata, method="ssl", encoder=enc, show_progress_bar=False)
+        scellst.im.embed_cells(sdata, method="ssl", encoder=enc, show_progress_bar=False)
     else:
         # the cells' own features: the simulated spots group cells from a mosaic of patches with no tissue layout,
         # so neighbourhood features would describe the mosaic, not the simulated spot
-        scellst.tl.embed_cells(sdata, context_um=None, show_progress_bar=False)
+        scellst.im.embed_cells(sdata, context_um=None, show_progress_bar=False)
     table = sdata.tables["nuclei_embeddings"]
     nuclei = sdata.shapes["nuclei"]
     for col in ("class", "source_image", "patch"):
@@ -94,7 +94,7 @@ def main() -> None:
         sub, kw = variant_cells(cells, variant)
         for scenario in args.scenarios:
             t0 = time.perf_counter()
-            sim = scellst.tl.simulate_spots(
+            sim = scellst.bench.simulate_spots(
                 sub,
                 reference,
                 scenario=scenario,
@@ -105,7 +105,7 @@ def main() -> None:
                 seed=args.seed,
                 **kw,
             )
-            df = scellst.tl.benchmark_simulation(sim, seed=args.seed)
+            df = scellst.bench.benchmark_simulation(sim, seed=args.seed)
             df.attrs = {}
             df["variant"], df["scenario"] = variant, scenario
             rows.append(df)

@@ -100,8 +100,8 @@ def part_slide(work: Path, size_um: float) -> None:
         print(f"  {name:<8} {mem.seconds:7.1f} s   peak {mem.peak:5.2f} GiB", flush=True)
         return out
 
-    stage("segment", lambda: scellst.pp.segment_nuclei(sdata, show_progress_bar=False))
-    stage("embed", lambda: scellst.tl.embed_cells(sdata, show_progress_bar=False))
+    stage("segment", lambda: scellst.im.segment_nuclei(sdata, show_progress_bar=False))
+    stage("embed", lambda: scellst.im.embed_cells(sdata, show_progress_bar=False))
     stage("assign", lambda: scellst.pp.assign_cells(sdata))
     model = stage("train", lambda: scellst.tl.train(sdata, show_progress_bar=False))
     stage("predict", lambda: scellst.tl.predict(sdata, model))
@@ -255,7 +255,7 @@ def part_hgsc(work: Path) -> None:
     print(f"  a Visium grid of {len(sdata.shapes['spots']):,} spots over the slide, {spot_of.notna().sum():,} nuclei "
           f"assigned in {m.seconds:.1f} s, peak {m.peak:.2f} GiB")  # fmt: skip
     with PeakRSS() as m:
-        scellst.tl.embed_cells(sdata, method="shape", show_progress_bar=False)
+        scellst.im.embed_cells(sdata, method="shape", show_progress_bar=False)
     emb = sdata.tables["nuclei_embeddings"]
     print(f"  embedded by shape (no image): {emb.n_obs:,} x {emb.n_vars} features in {m.seconds:.1f} s, "
           f"peak {m.peak:.2f} GiB")  # fmt: skip

@@ -8,7 +8,7 @@ sections, e.g. `python benchmarks/embeddings.py --skip-consep --skip-throughput 
 
 Prints, for the morphology table, the SSL table and their concatenation (morphology features next to the SSL
 features of the same cells): the C5 mean spot Pearson of models trained on C2-C4 for MIL seeds 0/1/2 (top 50 HVG,
-default `tl.train` settings), and the leave-one-section-out mean Pearson per held-out section (`tl.cross_validate`).
+default `tl.train` settings), and the leave-one-section-out mean Pearson per held-out section (`bench.cross_validate`).
 """
 
 from __future__ import annotations
@@ -52,9 +52,9 @@ def main() -> None:
             model = scellst.tl.train(
                 [slides[s] for s in SECTIONS[:3]], table_key=key, n_top_genes=50, seed=seed, show_progress_bar=False
             )
-            test = scellst.tl.evaluate(slides["C5"], model, table_key=key)
+            test = scellst.bench.evaluate(slides["C5"], model, table_key=key)
             per_seed.append(float(test["pearson"].mean()))
-        cv = scellst.tl.cross_validate(slides, table_key=key, baselines=(), n_genes=50)
+        cv = scellst.bench.cross_validate(slides, table_key=key, baselines=(), n_genes=50)
         folds = cv.groupby("fold")["pearson"].mean()
         print(
             f"{key:>18}: C5 seeds {' / '.join(f'{r:.3f}' for r in per_seed)} (mean {np.mean(per_seed):.3f}) | "

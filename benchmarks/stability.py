@@ -21,7 +21,7 @@ from _common import her2st_section, peak_memory_gib
 
 def within_spot_agreement(a: np.ndarray, b: np.ndarray, bags: list[np.ndarray]) -> float:
     """Mean over genes of the Pearson correlation of within-spot-centred predictions of two models."""
-    from scellst.tl import metrics_per_gene
+    from scellst.bench import metrics_per_gene
 
     ca = np.concatenate([a[i] - a[i].mean(axis=0) for i in bags])
     cb = np.concatenate([b[i] - b[i].mean(axis=0) for i in bags])
@@ -46,9 +46,9 @@ def main() -> None:
         for seed in seeds:
             model = scellst.tl.train(train, genes=genes, n_models=k, seed=seed, show_progress_bar=False)
             preds.append(model.predict_cells(slide.features))
-            spot_scores.append(scellst.tl.evaluate(test, model)["pearson"].mean())
+            spot_scores.append(scellst.bench.evaluate(test, model)["pearson"].mean())
         agree = within_spot_agreement(preds[0], preds[1], slide.bags)
-        overall = scellst.tl.metrics_per_gene(preds[0], preds[1], genes)["pearson"].mean()
+        overall = scellst.bench.metrics_per_gene(preds[0], preds[1], genes)["pearson"].mean()
         print(
             f"{label:>16}: within-spot per-cell agreement between seeds r = {agree:.3f} "
             f"(all cells, spot means kept: {overall:.3f}); spot-level Pearson on C5: "

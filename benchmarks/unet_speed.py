@@ -3,7 +3,7 @@
 Usage (from the repository root): ``python benchmarks/unet_speed.py [--steps 10]``
 
 Prints, for a few widths, the seconds per training step (8 random crops of 128 px, forward + backward + AdamW, as in
-``scellst.tl.train_segmenter``) and the inference throughput on a 1,024 x 1,024 px image, for ``precision="fp32"``
+``scellst.im.train_segmenter``) and the inference throughput on a 1,024 x 1,024 px image, for ``precision="fp32"``
 and ``"bf16"`` (bfloat16 is only fast on CPUs with native support; ``use_bf16("auto")`` says whether this one has).
 """
 

@@ -45,8 +45,8 @@ def _hd_slide(work: Path, size_um: float, seed: int):
         shutil.rmtree(folder)
     scellst.datasets.write_synthetic_visium_hd(tissue, folder, dataset_id="hd", seed=seed)
     hd = scellst.io.visium_hd(folder, bin_size=8, extra_bin_sizes=(2, 16))
-    scellst.pp.segment_nuclei(tissue, show_progress_bar=False)
-    scellst.tl.embed_cells(tissue, show_progress_bar=False)
+    scellst.im.segment_nuclei(tissue, show_progress_bar=False)
+    scellst.im.embed_cells(tissue, show_progress_bar=False)
     for key in ("nuclei", "true_cells"):  # same pixels as the HD image: identity to its coordinate system
         shapes = ShapesModel.parse(tissue.shapes[key].copy())
         set_transformation(shapes, {"hd": Identity()}, set_all=True)
@@ -68,7 +68,7 @@ def _score(sdata, *, spots_key: str, spot_table_key: str, seed: int, **train_kwa
     model = scellst.tl.train(sdata, spots_key=spots_key, spot_table_key=spot_table_key, genes=genes, seed=seed,
                              show_progress_bar=False, **train_kwargs)  # fmt: skip
     scellst.tl.predict(sdata, model, spots_key=None, overwrite=True)
-    r = scellst.tl.evaluate(sdata, level="cell")["pearson"].mean()
+    r = scellst.bench.evaluate(sdata, level="cell")["pearson"].mean()
     return float(r), time.perf_counter() - t0
 
 

@@ -7,7 +7,7 @@ Usage (from the repository root):
 Trains sCellST on the synthetic Visium-like spots, writes the true cells as a Xenium output folder in a shifted
 micron frame (with the H&E alignment file), reads it back with the H&E registered, segments, embeds and predicts
 the H&E nuclei, and prints the matching rate, the median matching distance and the per-gene correlations of
-``scellst.tl.compare_xenium``, beside ``scellst.tl.evaluate(level="cell")`` against the same truth.
+``scellst.bench.compare_xenium``, beside ``scellst.bench.evaluate(level="cell")`` against the same truth.
 """
 
 from __future__ import annotations
@@ -31,21 +31,21 @@ def main() -> None:
     args = parser.parse_args()
     t0 = time.perf_counter()
     tissue = scellst.datasets.synthetic_tissue(seed=args.seed, size_um=(args.size_um, args.size_um))
-    scellst.pp.segment_nuclei(tissue, show_progress_bar=False)
+    scellst.im.segment_nuclei(tissue, show_progress_bar=False)
     scellst.pp.assign_cells(tissue)
-    scellst.tl.embed_cells(tissue, show_progress_bar=False)
+    scellst.im.embed_cells(tissue, show_progress_bar=False)
     model = scellst.tl.train(tissue, seed=args.seed, lr=1e-3, show_progress_bar=False)
     scellst.tl.predict(tissue, model)
-    cell_level = scellst.tl.evaluate(tissue, level="cell")
+    cell_level = scellst.bench.evaluate(tissue, level="cell")
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         scellst.datasets.write_synthetic_xenium(tissue, folder, offset_um=(250.0, -80.0))
         he = np.asarray(image_level0(tissue, "he").data.compute())
         xs = scellst.io.xenium(folder, he_image=he, alignment=folder / "he_imagealignment.csv")
-    scellst.pp.segment_nuclei(xs, show_progress_bar=False)
-    scellst.tl.embed_cells(xs, show_progress_bar=False)
+    scellst.im.segment_nuclei(xs, show_progress_bar=False)
+    scellst.im.embed_cells(xs, show_progress_bar=False)
     scellst.tl.predict(xs, model, spots_key=None)
-    df = scellst.tl.compare_xenium(xs, max_distance_um=5.0)
+    df = scellst.bench.compare_xenium(xs, max_distance_um=5.0)
     a = df.attrs
     print(
         f"{len(xs.shapes['nuclei']):,} H&E nuclei, {xs.tables['xenium_table'].n_obs:,} Xenium cells: matched "

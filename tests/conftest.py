@@ -39,9 +39,9 @@ def processed(tissue):
         images=dict(tissue.images), shapes=dict(tissue.shapes), tables={k: v.copy() for k, v in tissue.tables.items()}
     )
     sdata.attrs.update(tissue.attrs)
-    scellst.pp.segment_nuclei(sdata, show_progress_bar=False)
+    scellst.im.segment_nuclei(sdata, show_progress_bar=False)
     scellst.pp.assign_cells(sdata)
-    scellst.tl.embed_cells(sdata, show_progress_bar=False)
+    scellst.im.embed_cells(sdata, show_progress_bar=False)
     return sdata
 
 

@@ -74,7 +74,7 @@ def test_embedding_round_trip_and_from_image(processed, trained, tmp_path):
     assert np.isfinite(table.X).all()
     assert table.uns["scellst"]["method"] == "contrastive"
     # from the image alone: the base (morphology) features are computed again, then the image encoder is applied
-    scellst.tl.embed_cells(sdata, method="encoder", encoder=path, key_added="from_image", show_progress_bar=False)
+    scellst.im.embed_cells(sdata, method="encoder", encoder=path, key_added="from_image", show_progress_bar=False)
     np.testing.assert_allclose(sdata.tables["from_image"].X, table.X, atol=1e-4)
     assert set(sdata.tables) == set(processed.tables) | {"nuclei_contrastive", "from_image"}
     with pytest.raises(ValueError, match="overwrite"):

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 import scellst
-from scellst.tl._crops import StainNormalizer, crops_from_tile
+from scellst.im._crops import StainNormalizer, crops_from_tile
 
 from .conftest import fresh_copy
 
@@ -21,7 +21,7 @@ def test_crops_from_tile_exact_when_not_resampled():
 
 
 def test_cell_crops_are_centred_on_nuclei(tissue):
-    crops = scellst.tl.cell_crops(tissue, "true_cells", crop_um=12, crop_px=48)
+    crops = scellst.im.cell_crops(tissue, "true_cells", crop_um=12, crop_px=48)
     assert crops.out_px == 48
     assert crops.side_px == pytest.approx(24.0)  # 12 um at 0.5 um/px
     x = crops.get(np.arange(300)).astype(float).mean(axis=1)  # grey
@@ -34,7 +34,7 @@ def test_cell_crops_are_centred_on_nuclei(tissue):
 
 
 def test_cell_crops_to_memmap(tissue, tmp_path):
-    crops = scellst.tl.cell_crops(tissue, "true_cells", crop_px=32)
+    crops = scellst.im.cell_crops(tissue, "true_cells", crop_px=32)
     arr = crops.to_array(tmp_path / "crops.npy", show_progress_bar=False)
     assert isinstance(arr, np.memmap)
     assert arr.shape == (len(crops), 3, 32, 32)
@@ -43,13 +43,13 @@ def test_cell_crops_to_memmap(tissue, tmp_path):
 
 def test_cell_crops_errors(tissue):
     with pytest.raises(ValueError, match="crop_px"):
-        scellst.tl.cell_crops(tissue, "true_cells", crop_px=2)
+        scellst.im.cell_crops(tissue, "true_cells", crop_px=2)
     with pytest.raises(KeyError, match="Available shapes"):
-        scellst.tl.cell_crops(tissue, "missing")
+        scellst.im.cell_crops(tissue, "missing")
 
 
 def test_stain_normalizer(tissue):
-    sample = scellst.tl.cell_crops(tissue, "true_cells").sample(400)
+    sample = scellst.im.cell_crops(tissue, "true_cells").sample(400)
     norm = StainNormalizer.fit(sample, "slide")
     x = norm(sample).numpy()
     np.testing.assert_allclose(x.mean(axis=(0, 2, 3)), 0, atol=1e-3)
@@ -78,7 +78,7 @@ def _probe_accuracy(x: np.ndarray, y: np.ndarray) -> float:
 @pytest.fixture(scope="module")
 def ssl_run(tissue, tmp_path_factory):
     path = tmp_path_factory.mktemp("ssl") / "encoder.pt"
-    encoder = scellst.tl.train_ssl(
+    encoder = scellst.im.train_ssl(
         tissue, "true_cells", path=path, epochs=2, batch_size=128, max_cells=1500, seed=0, show_progress_bar=False
     )
     return path, encoder
@@ -98,7 +98,7 @@ def test_train_ssl_writes_a_loadable_encoder(ssl_run):
 def test_ssl_embedding_learns_cell_types(tissue, ssl_run):
     path, _ = ssl_run
     sdata = fresh_copy(tissue)
-    scellst.tl.embed_cells(sdata, "true_cells", method="ssl", encoder=path, key_added="ssl", show_progress_bar=False)
+    scellst.im.embed_cells(sdata, "true_cells", method="ssl", encoder=path, key_added="ssl", show_progress_bar=False)
     table = sdata.tables["ssl"]
     assert table.shape == (len(sdata.shapes["true_cells"]), 256)
     assert table.uns["scellst"]["encoder"]["source"] == "ssl"
@@ -112,13 +112,13 @@ def test_ssl_embedding_learns_cell_types(tissue, ssl_run):
 def test_train_ssl_resume_and_guards(tissue, tmp_path):
     path = tmp_path / "enc.pt"
     kwargs = {"path": path, "batch_size": 64, "max_cells": 300, "seed": 0, "show_progress_bar": False}
-    scellst.tl.train_ssl(tissue, "true_cells", epochs=1, **kwargs)
+    scellst.im.train_ssl(tissue, "true_cells", epochs=1, **kwargs)
     with pytest.raises(ValueError, match="resume=True"):
-        scellst.tl.train_ssl(tissue, "true_cells", epochs=2, **kwargs)
-    enc = scellst.tl.train_ssl(tissue, "true_cells", epochs=2, resume=True, **kwargs)
+        scellst.im.train_ssl(tissue, "true_cells", epochs=2, **kwargs)
+    enc = scellst.im.train_ssl(tissue, "true_cells", epochs=2, resume=True, **kwargs)
     assert len(enc.history["loss"]) == 2  # the first epoch came from the checkpoint
     with pytest.raises(ValueError, match="another run"):
-        scellst.tl.train_ssl(tissue, "true_cells", epochs=3, resume=True, arch="resnet_small", **kwargs)
+        scellst.im.train_ssl(tissue, "true_cells", epochs=3, resume=True, arch="resnet_small", **kwargs)
 
 
 def test_encoder_from_torchvision_style_weights(tmp_path):
@@ -153,24 +153,24 @@ def test_embed_cells_with_module_and_errors(tissue, tmp_path):
 
     sdata = fresh_copy(tissue)
     module = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
-    scellst.tl.embed_cells(
+    scellst.im.embed_cells(
         sdata, "true_cells", method="encoder", encoder=module, key_added="mod", show_progress_bar=False
     )
     assert sdata.tables["mod"].shape[1] == 4
     assert list(sdata.tables["mod"].var_names[:2]) == ["encoder_0", "encoder_1"]
     with pytest.raises(ValueError, match="needs `encoder=`"):
-        scellst.tl.embed_cells(sdata, "true_cells", method="ssl", key_added="x")
+        scellst.im.embed_cells(sdata, "true_cells", method="ssl", key_added="x")
     torch.save({"a": 1}, tmp_path / "other.pt")
     with pytest.raises(ValueError, match="not a scellst encoder"):
-        scellst.tl.embed_cells(sdata, "true_cells", method="ssl", encoder=tmp_path / "other.pt", key_added="x")
+        scellst.im.embed_cells(sdata, "true_cells", method="ssl", encoder=tmp_path / "other.pt", key_added="x")
     with pytest.raises(ValueError, match="Unknown embedding method"):
-        scellst.tl.embed_cells(sdata, "true_cells", method="vit", key_added="x")
+        scellst.im.embed_cells(sdata, "true_cells", method="vit", key_added="x")
 
 
 def test_pretrained_efficientnet_lite0(tissue, monkeypatch):
     # the `pretrained` extra is part of the `test` extra, so this runs in CI
     sdata = fresh_copy(tissue)
-    scellst.tl.embed_cells(sdata, "true_cells", method="efficientnet-lite0", key_added="eff", show_progress_bar=False)
+    scellst.im.embed_cells(sdata, "true_cells", method="efficientnet-lite0", key_added="eff", show_progress_bar=False)
     x = np.asarray(sdata.tables["eff"].X)
     assert x.shape[1] == 1280
     assert np.isfinite(x).all()
@@ -179,15 +179,15 @@ def test_pretrained_efficientnet_lite0(tissue, monkeypatch):
 
     monkeypatch.setitem(sys.modules, "efficientnet_lite_pytorch", None)
     with pytest.raises(ImportError, match="scellst\\[pretrained\\]"):
-        scellst.tl.embed_cells(sdata, "true_cells", method="efficientnet-lite0", key_added="e2")
+        scellst.im.embed_cells(sdata, "true_cells", method="efficientnet-lite0", key_added="e2")
 
 
 def test_crop_cache_is_keyed_by_cells(tissue):
-    from scellst.tl._ssl import _fingerprint
+    from scellst.im._ssl import _fingerprint
 
-    crops = scellst.tl.cell_crops(tissue, "true_cells", context=1.5)
+    crops = scellst.im.cell_crops(tissue, "true_cells", context=1.5)
     a = _fingerprint(crops, np.arange(100))
     assert a == _fingerprint(crops, np.arange(100))
     assert a != _fingerprint(crops, np.arange(1, 101))  # same count, other cells
-    other = scellst.tl.cell_crops(tissue, "true_cells", context=1.0)
+    other = scellst.im.cell_crops(tissue, "true_cells", context=1.0)
     assert a != _fingerprint(other, np.arange(100))  # other geometry

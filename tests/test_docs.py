@@ -43,7 +43,7 @@ def test_every_api_page_renders_its_object(built_docs):
 
 def test_public_functions_are_in_the_api_reference(built_docs):
     api = (DOCS / "api.md").read_text()
-    for module in (scellst.io, scellst.pp, scellst.tl, scellst.pl, scellst.datasets):
+    for module in (scellst.io, scellst.im, scellst.pp, scellst.tl, scellst.bench, scellst.pl, scellst.datasets):
         short = module.__name__.split(".")[-1]
         for name in module.__all__:
             listed = re.search(rf"^\s+{short}\.{name}\s*$", api, flags=re.MULTILINE)

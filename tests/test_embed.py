@@ -7,8 +7,8 @@ from scipy.spatial import cKDTree
 
 import scellst
 from scellst._utils import shapes_centroids
-from scellst.tl._embed import MORPHOLOGY_FEATURES
-from scellst.tl._neighbourhood import DEFAULT_CONTEXT_UM, context_feature_names
+from scellst.im._embed import MORPHOLOGY_FEATURES
+from scellst.im._neighbourhood import DEFAULT_CONTEXT_UM, context_feature_names
 
 from .conftest import fresh_copy
 
@@ -46,11 +46,11 @@ def test_embeddings_separate_cell_types(processed):
 def test_embed_errors(processed):
     sdata = fresh_copy(processed)
     with pytest.raises(ValueError, match="already exists"):
-        scellst.tl.embed_cells(sdata)
+        scellst.im.embed_cells(sdata)
     with pytest.raises(ValueError, match="Unknown embedding method"):
-        scellst.tl.embed_cells(sdata, method="resnet", key_added="x")
+        scellst.im.embed_cells(sdata, method="resnet", key_added="x")
     with pytest.raises(TypeError, match="polygons"):
-        scellst.tl.embed_cells(sdata, "spots", key_added="x")
+        scellst.im.embed_cells(sdata, "spots", key_added="x")
 
 
 def test_nucleus_surrounded_by_nuclei_gets_imputed_ring_features(caplog):
@@ -71,7 +71,7 @@ def test_nucleus_surrounded_by_nuclei_gets_imputed_ring_features(caplog):
         gdf, transformations=get_transformation(sdata.images["he"], get_all=True)
     )
     with caplog.at_level("INFO", logger="scellst"):
-        scellst.tl.embed_cells(sdata, shapes_key="nuclei", show_progress_bar=False)
+        scellst.im.embed_cells(sdata, shapes_key="nuclei", show_progress_bar=False)
     assert "1 nuclei are surrounded by other nuclei" in caplog.text
     assert "outside the image" not in caplog.text
     table = sdata.tables["nuclei_embeddings"]
@@ -84,7 +84,7 @@ def test_nucleus_surrounded_by_nuclei_gets_imputed_ring_features(caplog):
 
 def test_neighbourhood_features_known_answers():
     """Density of a uniform layout, means of a constant and of a two-region layout, at two radii."""
-    from scellst.tl import neighbourhood_features
+    from scellst.im import neighbourhood_features
 
     rng = np.random.default_rng(0)
     xy = rng.uniform(0, 2000, (8000, 2))  # 20 cells per 100 x 100 um
@@ -115,8 +115,8 @@ def test_neighbourhood_features_known_answers():
 def test_embed_context_options(processed):
     """``context_um`` picks the radii; ``None`` keeps the cell's own features; the context is read from all cells."""
     sdata = fresh_copy(processed)
-    scellst.tl.embed_cells(sdata, key_added="own", context_um=None, show_progress_bar=False)
-    scellst.tl.embed_cells(sdata, key_added="ctx", context_um=[30], show_progress_bar=False)
+    scellst.im.embed_cells(sdata, key_added="own", context_um=None, show_progress_bar=False)
+    scellst.im.embed_cells(sdata, key_added="ctx", context_um=[30], show_progress_bar=False)
     own, ctx = sdata.tables["own"], sdata.tables["ctx"]
     assert list(own.var_names) == list(MORPHOLOGY_FEATURES)
     assert list(ctx.var_names[: own.n_vars]) == list(own.var_names)
@@ -130,7 +130,7 @@ def test_embed_context_options(processed):
     assert nb.std() < area.std()
     assert abs(nb.mean() - area.mean()) < 0.2 * area.std()
     with pytest.raises(ValueError, match="context_um"):
-        scellst.tl.embed_cells(sdata, key_added="bad", context_um="wide")
+        scellst.im.embed_cells(sdata, key_added="bad", context_um="wide")
 
 
 def test_vectorised_region_features_equal_regionprops():
@@ -138,7 +138,7 @@ def test_vectorised_region_features_equal_regionprops():
     from skimage.measure import regionprops_table
     from skimage.segmentation import expand_labels
 
-    from scellst.tl._embed import _hed, _region_features
+    from scellst.im._embed import _hed, _region_features
 
     rng = np.random.default_rng(3)
     seeds = np.zeros((160, 190), dtype=np.int32)

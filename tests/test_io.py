@@ -70,7 +70,7 @@ def test_from_image_and_missing_mpp():
 
     bare = SpatialData(images={"he": sdata.images["he"]})
     with pytest.raises(ValueError, match="set_microns_per_pixel"):
-        scellst.pp.segment_nuclei(bare)
+        scellst.im.segment_nuclei(bare)
     scellst.io.set_microns_per_pixel(bare, "he", microns_per_pixel=0.25)
     assert get_microns_per_pixel(bare, "he") == 0.25
     with pytest.raises(ValueError, match="implausibly large"):

@@ -9,6 +9,8 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1] / "src" / "scellst"
 FILES = {
     ".".join(p.relative_to(ROOT.parent).with_suffix("").parts).removesuffix(".__init__"): p for p in ROOT.rglob("*.py")
@@ -112,15 +114,33 @@ def _room(module: str) -> str | None:
     return parts[1] if len(parts) > 2 else None
 
 
-def test_models_import_none_of_io_pp_tl_pl():
+def test_models_import_none_of_io_im_pp_tl_bench_pl():
     bad = [(m, d) for m, deps in _graph().items() if _room(m) == "models" for d in deps
-           if _room(d) in ("io", "pp", "tl", "pl")]  # fmt: skip
+           if _room(d) in ("io", "im", "pp", "tl", "bench", "pl")]  # fmt: skip
     assert not bad, f"models/ must stay pure torch: {bad}"
 
 
-def test_preprocessing_never_imports_tools():
-    bad = [(m, d) for m, deps in _graph().items() if _room(m) == "pp" for d in deps if _room(d) == "tl"]
-    assert not bad, f"pp/ imports tl/: {bad}"
+def test_rooms_follow_the_data():
+    """image -> bags -> model -> cell table: earlier rooms never import later ones (benchmarking comes last)."""
+    later = {"io": ("pp", "tl", "bench", "pl"), "im": ("tl", "bench", "pl"), "pp": ("tl", "bench"), "tl": ("bench",)}
+    bad = [(m, d) for m, deps in _graph().items() for d in deps if _room(d) in later.get(_room(m), ())]
+    assert not bad, f"a room imports a later one: {bad}"
+
+
+def test_moved_names_still_work_and_warn():
+    import importlib
+
+    import scellst
+    from scellst._moved import MOVED
+
+    for namespace, names in MOVED.items():
+        for name, target in names.items():
+            with pytest.warns(FutureWarning, match=f"scellst.{target}.{name}"):
+                old = getattr(getattr(scellst, namespace), name)
+            assert old is getattr(importlib.import_module(f"scellst.{target}"), name)
+            assert name not in getattr(scellst, namespace).__all__
+    with pytest.raises(AttributeError):
+        scellst.tl.no_such_function  # noqa: B018
 
 
 def test_no_import_cycles():

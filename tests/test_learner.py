@@ -17,16 +17,16 @@ def test_losses_learn_cells(processed, loss):
     sdata = fresh_copy(processed)
     # the cells' own features: on this 900 um tissue of 85 spots the default 129 features (neighbourhood up to 400 um)
     # overfit the count losses' levels (spot RMSE 1.10 with Poisson; see the closing note of the change)
-    scellst.tl.embed_cells(sdata, context_um=None, key_added="own", show_progress_bar=False)
+    scellst.im.embed_cells(sdata, context_um=None, key_added="own", show_progress_bar=False)
     model = scellst.tl.train(sdata, loss=loss, table_key="own", **{**FAST, "max_epochs": 150})
     scellst.tl.predict(sdata, model, table_key="own")
     cells = sdata.tables["nuclei_expression"].X
     assert np.isfinite(cells).all()
     assert (cells >= 0).all()
-    corr = scellst.tl.evaluate(sdata, level="cell")
+    corr = scellst.bench.evaluate(sdata, level="cell")
     assert corr["pearson"].mean() > 0.4, loss
     if loss != "cosine":  # cosine fits patterns, not levels
-        spots = scellst.tl.evaluate(sdata)
+        spots = scellst.bench.evaluate(sdata)
         assert spots["rmse"].mean() < 1.0
 
 
@@ -99,16 +99,16 @@ def test_multi_slide_training_and_filters(processed):
 def test_evaluate_from_model_and_from_tables_agree(processed, model):
     sdata = fresh_copy(processed)
     scellst.tl.predict(sdata, model)
-    from_tables = scellst.tl.evaluate(sdata)
-    from_model = scellst.tl.evaluate(sdata, model)
+    from_tables = scellst.bench.evaluate(sdata)
+    from_model = scellst.bench.evaluate(sdata, model)
     assert list(from_tables.columns) == ["pearson", "spearman", "rmse", "mae"]
     np.testing.assert_allclose(from_tables["pearson"], from_model.loc[from_tables.index, "pearson"], atol=1e-4)
     with pytest.raises(KeyError, match="missing"):
-        scellst.tl.evaluate(sdata, genes=["NOPE"])
+        scellst.bench.evaluate(sdata, genes=["NOPE"])
 
 
 def test_cross_validate_with_baselines(processed):
-    df = scellst.tl.cross_validate(
+    df = scellst.bench.cross_validate(
         {"a": processed, "b": processed},
         models={"mil": {"max_epochs": 30, "lr": 1e-3}},
         baselines=("ridge", "spot_mlp"),
@@ -121,12 +121,12 @@ def test_cross_validate_with_baselines(processed):
     means = df.groupby("model")["pearson"].mean()
     assert (means > 0.3).all()  # the same tissue: every model must find the signal
 
-    single = scellst.tl.cross_validate(
+    single = scellst.bench.cross_validate(
         {"a": processed}, scheme="single_slide", n_folds=2, models={"mil": {"max_epochs": 20, "lr": 1e-3}}, baselines=()
     )
     assert set(single["fold"]) == {"a/fold0", "a/fold1"}
     with pytest.raises(ValueError, match="at least two slides"):
-        scellst.tl.cross_validate({"a": processed})
+        scellst.bench.cross_validate({"a": processed})
 
 
 def test_prediction_streams_dask_features(model, processed):

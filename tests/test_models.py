@@ -70,8 +70,8 @@ def test_every_model_learns_single_cells(processed, trained, name, cell_min):
     assert cells.n_obs == len(sdata.shapes["nuclei"])
     assert list(cells.var_names) == model.genes
     assert np.isfinite(cells.X).all()
-    cell = scellst.tl.evaluate(sdata, level="cell")["pearson"].mean()
-    spot = scellst.tl.evaluate(sdata)["pearson"].mean()
+    cell = scellst.bench.evaluate(sdata, level="cell")["pearson"].mean()
+    spot = scellst.bench.evaluate(sdata)["pearson"].mean()
     assert cell > cell_min, (name, cell)
     assert spot > 0.6, (name, spot)
     assert model.model == name
@@ -86,7 +86,7 @@ def test_shuffled_spot_labels_learn_nothing(processed):
     for name in ("deepspot2cell", "miso"):
         model = scellst.tl.train(sdata, model=name, **{**FAST, "max_epochs": 60})
         scellst.tl.predict(sdata, model, overwrite=True)
-        assert abs(scellst.tl.evaluate(sdata, level="cell")["pearson"].mean()) < 0.2, name
+        assert abs(scellst.bench.evaluate(sdata, level="cell")["pearson"].mean()) < 0.2, name
 
 
 def test_save_load_gives_the_same_predictions(processed, trained, tmp_path):
@@ -147,7 +147,7 @@ def test_deepspot2cell_ensemble_and_context(processed, trained):
     emb.obs = emb.obs.drop(columns="spot_id")
     scellst.tl.predict(sdata, model, spots_key=None)
     assert "spots_predicted" not in sdata.tables
-    cell = scellst.tl.evaluate(sdata, level="cell")["pearson"].mean()
+    cell = scellst.bench.evaluate(sdata, level="cell")["pearson"].mean()
     assert cell > 0.35
     with pytest.raises(ValueError, match="needs the cells' spots or positions"):
         model.predict_cells(np.asarray(emb.X))
@@ -169,7 +169,7 @@ def test_miso_teacher_and_student(processed, trained):
 
 
 def test_cross_validate_and_simulation_run_every_model(processed, reference):
-    df = scellst.tl.cross_validate(
+    df = scellst.bench.cross_validate(
         {"a": processed},
         scheme="single_slide",
         n_folds=2,
@@ -184,7 +184,7 @@ def test_cross_validate_and_simulation_run_every_model(processed, reference):
     assert set(df["model"]) == {"scellst", "miso", "cpnn"}
     assert df.groupby(["fold", "model"])["gene"].nunique().eq(10).all()
     with pytest.raises(ValueError, match="unknown options"):
-        scellst.tl.cross_validate({"a": processed}, scheme="single_slide", models={"x": {"k_neighbors": 3}})
+        scellst.bench.cross_validate({"a": processed}, scheme="single_slide", models={"x": {"k_neighbors": 3}})
 
 
 def test_context_helpers():

@@ -95,7 +95,7 @@ def test_imported_nuclei_feed_the_pipeline(processed, tmp_path):
     full = np.zeros(sdata.labels["nuclei_labels"].shape, dtype=np.int32)
     full[:400, :400] = labels
     scellst.io.read_nuclei(sdata, full, key_added="imported")
-    scellst.tl.embed_cells(sdata, "imported", show_progress_bar=False)
+    scellst.im.embed_cells(sdata, "imported", show_progress_bar=False)
     assert sdata.tables["imported_embeddings"].n_obs == len(sdata.shapes["imported"])
 
 
@@ -114,7 +114,7 @@ def test_geoparquet_outlines_without_their_image(data_dir):
     assert 0.98 * len(source) <= len(nuclei) <= len(source)
     assert set(nuclei["class"].cat.categories) >= {"inflammatory", "connective", "neoplastic"}
     np.testing.assert_allclose(nuclei["area_um2"].median(), source.geometry.area.median() * 0.25, rtol=0.05)
-    scellst.tl.embed_cells(sdata, method="shape")
+    scellst.im.embed_cells(sdata, method="shape")
     emb = sdata.tables["nuclei_embeddings"]
     assert emb.n_obs == len(nuclei)
     assert emb.n_vars == 10 + 4 * 11  # own features, then density + 10 means at each of 4 radii
@@ -132,7 +132,7 @@ def test_shape_features_of_ellipses_are_their_analytic_values():
     ellipse = affinity.scale(Point(0, 0).buffer(1.0, quad_segs=256), a, b)
     rotated = affinity.rotate(ellipse, 30, origin=(0, 0))
     far = affinity.translate(rotated, 50_000, 60_000)  # slide coordinates: no loss of precision
-    feats = scellst.tl.shape_features([ellipse, rotated, far], microns_per_unit=0.5)
+    feats = scellst.im.shape_features([ellipse, rotated, far], microns_per_unit=0.5)
     np.testing.assert_allclose(feats["area_um2"], np.pi * a * b * 0.25, rtol=1e-3)
     np.testing.assert_allclose(feats["major_axis_um"], 2 * a * 0.5, rtol=1e-3)  # regionprops: 4 sqrt(eigenvalue)
     np.testing.assert_allclose(feats["minor_axis_um"], 2 * b * 0.5, rtol=1e-3)

@@ -76,7 +76,7 @@ def test_a_registered_model_trains_saves_loads_and_predicts(processed, tmp_path)
     x = np.asarray(cells.X)
     assert np.isfinite(x).all()
     assert (x >= 0).all()
-    spots = scellst.tl.evaluate(sdata)
+    spots = scellst.bench.evaluate(sdata)
     assert spots["pearson"].notna().all()
 
 

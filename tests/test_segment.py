@@ -26,8 +26,8 @@ def test_segmentation_recovers_synthetic_nuclei(processed):
 
 def test_tiling_does_not_change_the_result(tissue):
     a, b = fresh_copy(tissue), fresh_copy(tissue)
-    scellst.pp.segment_nuclei(a, tile_size=4096, labels_key_added="", show_progress_bar=False)
-    scellst.pp.segment_nuclei(b, tile_size=300, labels_key_added="", show_progress_bar=False)
+    scellst.im.segment_nuclei(a, tile_size=4096, labels_key_added="", show_progress_bar=False)
+    scellst.im.segment_nuclei(b, tile_size=300, labels_key_added="", show_progress_bar=False)
     na, nb = len(a.shapes["nuclei"]), len(b.shapes["nuclei"])
     assert abs(na - nb) <= 0.01 * na
     # every nucleus of the big tile is found once with small tiles
@@ -56,10 +56,10 @@ def test_label_image_matches_polygons(processed):
 def test_segment_refuses_to_overwrite(processed):
     sdata = fresh_copy(processed)
     with pytest.raises(ValueError, match="already exists"):
-        scellst.pp.segment_nuclei(sdata, show_progress_bar=False)
+        scellst.im.segment_nuclei(sdata, show_progress_bar=False)
     n_before = len(sdata.shapes["nuclei"])
     with pytest.raises(KeyError, match="No H&E image 'nope'"):
-        scellst.pp.segment_nuclei(sdata, "nope", key_added="other")
+        scellst.im.segment_nuclei(sdata, "nope", key_added="other")
     assert len(sdata.shapes["nuclei"]) == n_before
 
 
@@ -75,7 +75,7 @@ def test_segmentation_on_real_monuseg(data_dir):
     true = imread(root / "instance_masks" / f"{entry['name']}.png")
     mpp = float(entry["microns_per_pixel"])
     sdata = scellst.io.from_image(image, microns_per_pixel=mpp)
-    scellst.pp.segment_nuclei(sdata, show_progress_bar=False)
+    scellst.im.segment_nuclei(sdata, show_progress_bar=False)
     pred = np.asarray(sdata.labels["nuclei_labels"].data)
     n_true = len(np.unique(true)) - 1
     n_pred = len(sdata.shapes["nuclei"])
@@ -92,7 +92,7 @@ def test_segmentation_on_real_monuseg(data_dir):
 def test_hematoxylin_lookup_table_matches_skimage():
     from skimage.color import rgb2hed
 
-    from scellst.pp._segment import _hematoxylin
+    from scellst.im._segment import _hematoxylin
 
     rgb = np.random.default_rng(0).integers(0, 256, size=(64, 64, 3), dtype=np.uint8)
     expected = np.maximum(rgb2hed(rgb)[..., 0], 0)
@@ -100,7 +100,7 @@ def test_hematoxylin_lookup_table_matches_skimage():
 
 
 def test_local_maxima_gives_one_seed_per_plateau():
-    from scellst.pp._segment import _local_maxima
+    from scellst.im._segment import _local_maxima
 
     score = np.zeros((40, 40), dtype=np.float32)
     score[5:8, 5:8] = 2.0  # a flat maximum
@@ -126,7 +126,7 @@ def _stained_disc_image(centres, radius_px, size=80, pale_halo_px=0):
 
 
 def test_classical_seeds_split_touching_nuclei_without_a_neck():
-    from scellst.pp._segment import ClassicalParams, _hematoxylin, segment_tile
+    from scellst.im._segment import ClassicalParams, _hematoxylin, segment_tile
 
     # two dark discs of radius 3.5 um at 0.5 um/px whose centres are 6.5 um apart: their union has almost no neck
     img = _stained_disc_image([(40, 27), (40, 40)], radius_px=7)
@@ -137,7 +137,7 @@ def test_classical_seeds_split_touching_nuclei_without_a_neck():
 
 
 def test_refine_trims_pale_cytoplasm_around_a_nucleus():
-    from scellst.pp._segment import _hematoxylin, refine_nuclei
+    from scellst.im._segment import _hematoxylin, refine_nuclei
 
     img = _stained_disc_image([(40, 40)], radius_px=8, pale_halo_px=6)
     hema = _hematoxylin(img)

@@ -3,7 +3,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from scellst.tl import evaluate_segmentation
+from scellst.bench import evaluate_segmentation
 
 
 def _two_squares() -> np.ndarray:

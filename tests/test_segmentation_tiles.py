@@ -48,13 +48,13 @@ def _tiles_f1(tissue, tiles) -> list[float]:
         hits = np.argwhere((he[:, :, 0] == img[0, 0, 0]) & (he[:, :, 1] == img[0, 0, 1]))
         y0, x0 = next((y, x) for y, x in hits if np.array_equal(he[y : y + side, x : x + side], img))
         truth = _true_labels(tissue, (y0, y0 + side, x0, x0 + side))
-        out.append(scellst.tl.evaluate_segmentation(mask, truth))
+        out.append(scellst.bench.evaluate_segmentation(mask, truth))
     return out
 
 
 def test_tiles_from_xenium_outlines_match_the_drawn_nuclei(tissue, xenium_he):
     """Outlines in Xenium microns, mapped through the H&E alignment, land on the nuclei drawn in the image."""
-    tiles = scellst.tl.segmentation_tiles(
+    tiles = scellst.im.segmentation_tiles(
         xenium_he, "xenium_nuclei", image_key="he", class_key="cell_type", tile_um=100, max_tiles=6, seed=1
     )
     assert set(tiles) == {"images", "masks", "microns_per_pixel", "classes", "class_names"}
@@ -82,7 +82,7 @@ def test_tiles_mend_a_misregistration(tissue, tmp_path, caplog):
         off[:2, 2] += np.asarray(shift_um) / 0.2125  # the H&E registered a few microns off
         sdata = scellst.io.xenium(folder, he_image=he, alignment=off)
         caplog.clear()
-        tiles = scellst.tl.segmentation_tiles(sdata, "xenium_nuclei", max_shift_um=max_shift_um, **kw)
+        tiles = scellst.im.segmentation_tiles(sdata, "xenium_nuclei", max_shift_um=max_shift_um, **kw)
         f1 = [s["f1"] for s in _tiles_f1(tissue, tiles)]
         assert (min(f1) > 0.95) if good else (max(f1) < 0.3), (shift_um, max_shift_um, f1)
         assert ("registration is further off" in caplog.text) == (shift_um[0] == 6.0)
@@ -91,7 +91,7 @@ def test_tiles_mend_a_misregistration(tissue, tmp_path, caplog):
 @pytest.mark.parametrize("shift", [(0, 0), (8, -4), (-12, 6)])
 def test_registration_shift_on_real_outlines(data_dir, shift):
     """MoNuSeg's manual outlines moved by a known shift: the shift back is found to within a pixel."""
-    from scellst.tl._segmentation_tiles import registration_shift
+    from scellst.im._segmentation_tiles import registration_shift
 
     tile = scellst.datasets.annotated_tiles("monuseg", path=data_dir / "monuseg")[3]
     moved = np.roll(tile["instances"][:512, :512], shift, axis=(0, 1))
@@ -106,7 +106,7 @@ def test_tiles_round_trip_real_annotations(data_dir):
     sdata = scellst.io.from_image(tile["image"], microns_per_pixel=tile["microns_per_pixel"])
     scellst.io.read_nuclei(sdata, tile["instances"])
     side = 500
-    tiles = scellst.tl.segmentation_tiles(
+    tiles = scellst.im.segmentation_tiles(
         sdata, "nuclei", tile_um=side * tile["microns_per_pixel"], region=(0, 0, 1000, 1000), show_progress_bar=False
     )
     assert len(tiles["images"]) == 4
@@ -119,7 +119,7 @@ def test_tiles_round_trip_real_annotations(data_dir):
         np.testing.assert_array_equal(
             tiles["images"][k], tile["image"][y * side : (y + 1) * side, x * side : (x + 1) * side, :3]
         )
-    scores = scellst.tl.evaluate_segmentation(mosaic, tile["instances"])
+    scores = scellst.bench.evaluate_segmentation(mosaic, tile["instances"])
     assert scores["f1"] > 0.97
     assert scores["aji"] > 0.85
 
@@ -133,22 +133,22 @@ def test_train_segmenter_from_xenium_tiles_segments_other_tissue(tissue, xenium_
     (`max_shift_um=None`) 0.01.
     """
     _, h, w = image_level0(xenium_he, "he").shape
-    train = scellst.tl.segmentation_tiles(
+    train = scellst.im.segmentation_tiles(
         xenium_he, "xenium_nuclei", class_key="cell_type", region=(0, 0, w // 2, h), show_progress_bar=False
     )
-    test = scellst.tl.segmentation_tiles(
+    test = scellst.im.segmentation_tiles(
         xenium_he, "xenium_nuclei", region=(w // 2, 0, w, h), max_tiles=4, show_progress_bar=False
     )
-    model = scellst.tl.train_segmenter(**train, n_steps=300, crop_size=96, show_progress_bar=False)
+    model = scellst.im.train_segmenter(**train, n_steps=300, crop_size=96, show_progress_bar=False)
     assert model.config.class_names == train["class_names"]
 
     def f1(method):
         scores = []
         for img, mask in zip(test["images"], test["masks"], strict=True):
             sdata = scellst.io.from_image(img, microns_per_pixel=0.5)
-            scellst.pp.segment_nuclei(sdata, method=method, show_progress_bar=False)
+            scellst.im.segment_nuclei(sdata, method=method, show_progress_bar=False)
             labels = np.asarray(sdata.labels["nuclei_labels"].data)
-            scores.append(scellst.tl.evaluate_segmentation(labels, mask)["f1"])
+            scores.append(scellst.bench.evaluate_segmentation(labels, mask)["f1"])
         return float(np.mean(scores))
 
     assert f1(model) > 0.8
@@ -159,17 +159,17 @@ def test_segmentation_tiles_errors(tissue, xenium_he):
     from spatialdata.transformations import Affine, set_transformation
 
     with pytest.raises(KeyError, match="neither a column"):
-        scellst.tl.segmentation_tiles(xenium_he, "xenium_nuclei", class_key="no_such_column")
+        scellst.im.segmentation_tiles(xenium_he, "xenium_nuclei", class_key="no_such_column")
     with pytest.raises(ValueError, match="min_nuclei"):
-        scellst.tl.segmentation_tiles(xenium_he, "xenium_nuclei", min_nuclei=10_000)
+        scellst.im.segmentation_tiles(xenium_he, "xenium_nuclei", min_nuclei=10_000)
     with pytest.raises(ValueError, match="smaller than one tile"):
-        scellst.tl.segmentation_tiles(xenium_he, "xenium_nuclei", region=(0, 0, 50, 50))
+        scellst.im.segmentation_tiles(xenium_he, "xenium_nuclei", region=(0, 0, 50, 50))
     with pytest.raises(KeyError, match="No nucleus shapes"):
-        scellst.tl.segmentation_tiles(xenium_he, "nuclei")
+        scellst.im.segmentation_tiles(xenium_he, "nuclei")
     with pytest.raises(ValueError, match="max_shift_um"):
-        scellst.tl.segmentation_tiles(xenium_he, "xenium_nuclei", max_shift_um=-1)
+        scellst.im.segmentation_tiles(xenium_he, "xenium_nuclei", max_shift_um=-1)
     with pytest.raises(ValueError, match="under one pixel"):
-        scellst.tl.registration_shifts(xenium_he, "xenium_nuclei", max_shift_um=0.1)
+        scellst.im.registration_shifts(xenium_he, "xenium_nuclei", max_shift_um=0.1)
     # outlines registered 5 mm away from the image: a registration error, not empty tiles
     shifted = SpatialData(images=dict(xenium_he.images), shapes={"n": xenium_he.shapes["xenium_nuclei"].copy()})
     shifted.attrs.update(xenium_he.attrs)
@@ -177,12 +177,12 @@ def test_segmentation_tiles_errors(tissue, xenium_he):
         shifted.shapes["n"], Affine(np.array([[1, 0, 5000.0], [0, 1, 0], [0, 0, 1]]), ("x", "y"), ("x", "y")), "global"
     )
     with pytest.raises(ValueError, match="registration"):
-        scellst.tl.segmentation_tiles(shifted, "n", image_key="he")
+        scellst.im.segmentation_tiles(shifted, "n", image_key="he")
 
 
 def test_segmentation_tiles_from_circles(tissue):
     """Circles (points with a radius) are drawn as discs of that radius."""
-    tiles = scellst.tl.segmentation_tiles(tissue, "true_cells", image_key="he", max_tiles=2, show_progress_bar=False)
+    tiles = scellst.im.segmentation_tiles(tissue, "true_cells", image_key="he", max_tiles=2, show_progress_bar=False)
     mpp = tiles["microns_per_pixel"][0]
     radius = tissue.shapes["true_cells"]["radius"].median()
     areas = np.concatenate([np.bincount(m.ravel())[1:] for m in tiles["masks"]])
@@ -205,7 +205,7 @@ def test_registration_shifts_map_a_rotated_registration(tissue, tmp_path, caplog
     rot[:2, 2] = c - rot[:2, :2] @ c  # about the image centre
     bad = good @ rot  # H&E pixels -> rotated -> Xenium pixels
     sdata = scellst.io.xenium(folder, he_image=he, alignment=bad)
-    shifts = scellst.tl.registration_shifts(sdata, "xenium_nuclei", image_key="he", tile_um=150, max_shift_um=6)
+    shifts = scellst.im.registration_shifts(sdata, "xenium_nuclei", image_key="he", tile_um=150, max_shift_um=6)
     assert len(shifts) >= 20
     assert not shifts["at_limit"].any()
     # an outline meant for image pixel p lands at inv(bad) @ good @ p: moving it by p - that puts it back
@@ -217,7 +217,7 @@ def test_registration_shifts_map_a_rotated_registration(tissue, tmp_path, caplog
     assert np.quantile(err, 0.9) < 1.0
     # registered exactly: nothing to mend
     exact = scellst.io.xenium(folder, he_image=he, alignment=good)
-    assert scellst.tl.registration_shifts(exact, "xenium_nuclei", tile_um=150)["shift_um"].median() < 0.5
+    assert scellst.im.registration_shifts(exact, "xenium_nuclei", tile_um=150)["shift_um"].median() < 0.5
 
 
 def test_xenium_nuclei_share_one_convention(xenium_he, tmp_path):

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 import scellst
-from scellst.tl._segmenter import (
+from scellst.im._segmenter import (
     FOREGROUND_THRESHOLDS,
     SEED_THRESHOLDS,
     resample_labels,
@@ -35,7 +35,7 @@ def small_model(small_training_set, tmp_path_factory):
     """A U-Net trained for a few steps on the synthetic tissue's true nuclei (with classes)."""
     img, mask, cls, names = small_training_set
     path = tmp_path_factory.mktemp("seg") / "unet.pt"
-    model = scellst.tl.train_segmenter(
+    model = scellst.im.train_segmenter(
         [img],
         [mask],
         classes=[cls],
@@ -58,7 +58,7 @@ def test_train_segmenter_saves_a_usable_model(small_model, tissue):
     assert model.history["loss"][-1] < model.history["loss"][0]
     assert model.config.n_classes == 5
     sdata = fresh_copy(tissue)
-    scellst.pp.segment_nuclei(sdata, method=path, show_progress_bar=False)
+    scellst.im.segment_nuclei(sdata, method=path, show_progress_bar=False)
     nuclei = sdata.shapes["nuclei"]
     assert len(nuclei) > 50
     assert "class" in nuclei
@@ -75,7 +75,7 @@ def test_train_segmenter_fine_tunes_init(small_model, small_training_set):
     # a vanishing learning rate: the fine-tuned weights are those of `init` (from the file or the object); batch
     # norm statistics (buffers) follow the new data, as they should
     for init in (path, model):
-        tuned = scellst.tl.train_segmenter([img], [mask], init=init, lr=1e-12, **kw)
+        tuned = scellst.im.train_segmenter([img], [mask], init=init, lr=1e-12, **kw)
         assert (tuned.config.base_channels, tuned.config.n_classes) == (16, 5)
         assert tuned.config.class_names == model.config.class_names
         assert tuned.config.microns_per_pixel == model.config.microns_per_pixel
@@ -84,62 +84,62 @@ def test_train_segmenter_fine_tunes_init(small_model, small_training_set):
         for k in weights:
             v = model.state_dict[k]
             torch.testing.assert_close(tuned.state_dict[k], v, msg=f"weight {k} not taken from `init`")
-    fresh = scellst.tl.train_segmenter([img], [mask], lr=1e-12, **kw)
+    fresh = scellst.im.train_segmenter([img], [mask], lr=1e-12, **kw)
     assert fresh.config.n_classes == 0
     assert not torch.allclose(fresh.state_dict["down.0.0.weight"], model.state_dict["down.0.0.weight"])
     # a real fine-tuning step moves the weights
-    moved = scellst.tl.train_segmenter([img], [mask], classes=[cls], init=model, **{**kw, "n_steps": 3})
+    moved = scellst.im.train_segmenter([img], [mask], classes=[cls], init=model, **{**kw, "n_steps": 3})
     assert not torch.equal(moved.state_dict["down.0.0.weight"], model.state_dict["down.0.0.weight"])
     with pytest.raises(ValueError, match="architecture of `init`"):
-        scellst.tl.train_segmenter([img], [mask], init=model, base_channels=32, **kw)
+        scellst.im.train_segmenter([img], [mask], init=model, base_channels=32, **kw)
     with pytest.raises(ValueError, match="at most its classes"):
-        scellst.tl.train_segmenter([img], [mask], classes=[cls * 2], init=model, **kw)
+        scellst.im.train_segmenter([img], [mask], classes=[cls * 2], init=model, **kw)
     with pytest.raises(ValueError, match="`class_names` has 2 names"):
-        scellst.tl.train_segmenter([img], [mask], classes=[cls], class_names=["a", "b"], init=model, **kw)
+        scellst.im.train_segmenter([img], [mask], classes=[cls], class_names=["a", "b"], init=model, **kw)
     with pytest.raises(TypeError, match="`init` must be"):
-        scellst.tl.train_segmenter([img], [mask], init=42, **kw)
+        scellst.im.train_segmenter([img], [mask], init=42, **kw)
 
 
 def test_segmenter_input_errors(tissue):
     img = np.zeros((50, 50, 3), dtype=np.uint8)
     with pytest.raises(ValueError, match="as many masks"):
-        scellst.tl.train_segmenter([img], [], microns_per_pixel=0.5)
+        scellst.im.train_segmenter([img], [], microns_per_pixel=0.5)
     with pytest.raises(ValueError, match="mask shape"):
-        scellst.tl.train_segmenter([img], [np.zeros((40, 40), int)], microns_per_pixel=0.5)
+        scellst.im.train_segmenter([img], [np.zeros((40, 40), int)], microns_per_pixel=0.5)
     with pytest.raises(ValueError, match="one value per image"):
-        scellst.tl.train_segmenter([img], [np.zeros((50, 50), int)], microns_per_pixel=[0.5, 0.5])
+        scellst.im.train_segmenter([img], [np.zeros((50, 50), int)], microns_per_pixel=[0.5, 0.5])
     with pytest.raises(ValueError, match="um/px"):
-        scellst.tl.train_segmenter([img], [np.zeros((50, 50), int)], microns_per_pixel=250)  # nm, not um
+        scellst.im.train_segmenter([img], [np.zeros((50, 50), int)], microns_per_pixel=250)  # nm, not um
     with pytest.raises(ValueError, match="zoom"):
-        scellst.tl.train_segmenter([img], [np.zeros((50, 50), int)], microns_per_pixel=0.5, zoom=(1.25, 0.8))
+        scellst.im.train_segmenter([img], [np.zeros((50, 50), int)], microns_per_pixel=0.5, zoom=(1.25, 0.8))
     with pytest.raises(ValueError, match="blur"):
-        scellst.tl.train_segmenter([img], [np.zeros((50, 50), int)], microns_per_pixel=0.5, blur=2)
+        scellst.im.train_segmenter([img], [np.zeros((50, 50), int)], microns_per_pixel=0.5, blur=2)
     one = np.ones((50, 50), int)
     with pytest.raises(ValueError, match="pass the class maps"):
-        scellst.tl.train_segmenter([img], [one], microns_per_pixel=0.5, class_names=["tumour"])
+        scellst.im.train_segmenter([img], [one], microns_per_pixel=0.5, class_names=["tumour"])
     with pytest.raises(ValueError, match="one name per class"):
-        scellst.tl.train_segmenter([img], [one], classes=[one * 2], class_names=["tumour"], microns_per_pixel=0.5)
+        scellst.im.train_segmenter([img], [one], classes=[one * 2], class_names=["tumour"], microns_per_pixel=0.5)
     for bad in ([1.0, 1.0], [-1.0], [np.nan], [0.0]):
         with pytest.raises(ValueError, match="image_weights"):
-            scellst.tl.train_segmenter([img], [np.zeros((50, 50), int)], microns_per_pixel=0.5, image_weights=bad)
+            scellst.im.train_segmenter([img], [np.zeros((50, 50), int)], microns_per_pixel=0.5, image_weights=bad)
     from .conftest import fresh_copy
 
     sdata = fresh_copy(tissue)
     with pytest.raises(FileNotFoundError):
-        scellst.pp.segment_nuclei(sdata, method="missing_model.pt")
+        scellst.im.segment_nuclei(sdata, method="missing_model.pt")
     with pytest.raises(ValueError, match="weights"):
-        scellst.pp.segment_nuclei(sdata, method="stardist")
+        scellst.im.segment_nuclei(sdata, method="stardist")
     with pytest.raises(ValueError, match="Unknown segmentation method"):
-        scellst.pp.segment_nuclei(sdata, method="magic")
+        scellst.im.segment_nuclei(sdata, method="magic")
 
 
 def test_bad_images_give_clear_errors():
     gray = scellst.io.from_image(np.full((64, 64), 200, dtype=np.uint8), microns_per_pixel=0.5)
     with pytest.raises(ValueError, match="channel"):
-        scellst.pp.segment_nuclei(gray)
+        scellst.im.segment_nuclei(gray)
     blank = scellst.io.from_image(np.full((256, 256, 3), 250, dtype=np.uint8), microns_per_pixel=0.5)
     with pytest.raises(ValueError, match="No tissue"):
-        scellst.pp.segment_nuclei(blank)
+        scellst.im.segment_nuclei(blank)
     rgba = np.full((64, 64, 4), 255, dtype=np.uint8)
     assert scellst.io.from_image(rgba, microns_per_pixel=0.5).images["he"].shape[0] == 3  # alpha dropped
 
@@ -152,10 +152,10 @@ def test_wrong_resolution_is_flagged(tissue, caplog):
     """
     rgb = np.moveaxis(np.asarray(tissue.images["he"]["scale0"].image[:, :600, :600]), 0, -1)
     with caplog.at_level("WARNING", logger="scellst"):
-        scellst.pp.segment_nuclei(scellst.io.from_image(rgb, microns_per_pixel=0.5), show_progress_bar=False)
+        scellst.im.segment_nuclei(scellst.io.from_image(rgb, microns_per_pixel=0.5), show_progress_bar=False)
     assert "microns per pixel" not in caplog.text
     with caplog.at_level("WARNING", logger="scellst"):
-        scellst.pp.segment_nuclei(scellst.io.from_image(rgb, microns_per_pixel=0.25), show_progress_bar=False)
+        scellst.im.segment_nuclei(scellst.io.from_image(rgb, microns_per_pixel=0.25), show_progress_bar=False)
     assert "median nucleus area" in caplog.text
     assert "0.25 um/px" in caplog.text
 
@@ -168,12 +168,12 @@ def test_too_coarse_resolution_is_flagged(tissue, caplog):
     """
     import xarray as xr
 
-    from scellst.pp._segment import NUCLEUS_SCALE_MAX_UM, nucleus_scale_um
+    from scellst.im._segment import NUCLEUS_SCALE_MAX_UM, nucleus_scale_um
 
     rgb = np.moveaxis(np.asarray(tissue.images["he"]["scale0"].image[:, :600, :600]), 0, -1)
     caplog.clear()
     with caplog.at_level("WARNING", logger="scellst"):
-        scellst.pp.segment_nuclei(scellst.io.from_image(rgb, microns_per_pixel=1.0), show_progress_bar=False)
+        scellst.im.segment_nuclei(scellst.io.from_image(rgb, microns_per_pixel=1.0), show_progress_bar=False)
     assert "look large for its stated resolution" in caplog.text
     assert "1.0 um/px" in caplog.text
     assert "set_microns_per_pixel" in caplog.text
@@ -192,7 +192,7 @@ def test_size_check_ignores_cut_nuclei_and_small_samples(caplog):
     import geopandas as gpd
     from shapely.geometry import box
 
-    from scellst.pp._segment import _check_nucleus_sizes
+    from scellst.im._segment import _check_nucleus_sizes
 
     def nuclei(n: int, on_border: bool) -> gpd.GeoDataFrame:
         x0 = [-0.5 if on_border else 10.0 + 20 * i for i in range(n)]
@@ -214,7 +214,7 @@ def test_pyramid_level_and_working_resolution(tissue):
     from .conftest import fresh_copy
 
     sdata = fresh_copy(tissue)
-    scellst.pp.segment_nuclei(sdata, working_mpp=1.0, min_area_um2=6, labels_key_added="", show_progress_bar=False)
+    scellst.im.segment_nuclei(sdata, working_mpp=1.0, min_area_um2=6, labels_key_added="", show_progress_bar=False)
     pred = shapes_centroids(sdata.shapes["nuclei"])
     truth = shapes_centroids(tissue.shapes["true_cells"])
     d, _ = cKDTree(truth).query(pred)
@@ -223,7 +223,7 @@ def test_pyramid_level_and_working_resolution(tissue):
 
 
 def test_crop_probabilities_follow_pixels_and_weights():
-    from scellst.tl._segmenter import _crop_probabilities
+    from scellst.im._segmenter import _crop_probabilities
 
     pixels = np.array([1e6, 3e6, 1e6])
     np.testing.assert_allclose(_crop_probabilities(pixels, None), [0.2, 0.6, 0.2])  # every pixel equally likely
@@ -300,9 +300,9 @@ def test_model_upsamples_coarser_images(tissue):
     from scipy.spatial import cKDTree
 
     from scellst._utils import shapes_centroids
+    from scellst.im._segment import _pyramid
+    from scellst.im._segmenter import resample_rgb
     from scellst.models import NucleusUNet, UNetConfig
-    from scellst.pp._segment import _pyramid
-    from scellst.tl._segmenter import resample_rgb
 
     seen = []
 
@@ -316,9 +316,9 @@ def test_model_upsamples_coarser_images(tissue):
     coarse = full.reshape(400, 2, 400, 2, 3).mean(axis=(1, 3)).astype(np.uint8)
     a = scellst.io.from_image(resample_rgb(coarse, 0.5), microns_per_pixel=0.5)
     b = scellst.io.from_image(coarse, microns_per_pixel=1.0)
-    scellst.pp.segment_nuclei(a, method=model, show_progress_bar=False, labels_key_added="")
+    scellst.im.segment_nuclei(a, method=model, show_progress_bar=False, labels_key_added="")
     seen.clear()
-    scellst.pp.segment_nuclei(b, method=model, show_progress_bar=False, labels_key_added="")
+    scellst.im.segment_nuclei(b, method=model, show_progress_bar=False, labels_key_added="")
     assert max(shape[0] for shape in seen) > 600  # the 400 px image reached the model at about 800 px
     ca = (shapes_centroids(a.shapes["nuclei"]) + 0.5) * 0.5  # microns from the image corner (pixel centres at i)
     cb = (shapes_centroids(b.shapes["nuclei"]) + 0.5) * 1.0
@@ -352,7 +352,7 @@ def test_min_area_reaches_model_post_processing():
     areas = {}
     for min_area in (8.0, 3.0):
         sdata = scellst.io.from_image(image, microns_per_pixel=0.5)
-        scellst.pp.segment_nuclei(
+        scellst.im.segment_nuclei(
             sdata, method=model, min_area_um2=min_area, show_progress_bar=False, labels_key_added=""
         )
         areas[min_area] = np.sort(sdata.shapes["nuclei"]["area_um2"].to_numpy())
@@ -385,12 +385,12 @@ def test_unet_precision(small_model, tissue):
         use_bf16("half")
     img = np.zeros((50, 50, 3), dtype=np.uint8)
     with pytest.raises(ValueError, match="precision"):
-        scellst.tl.train_segmenter([img], [np.zeros((50, 50), int)], microns_per_pixel=0.5, precision="fp16")
+        scellst.im.train_segmenter([img], [np.zeros((50, 50), int)], microns_per_pixel=0.5, precision="fp16")
 
 
 def test_offset_targets_turn_with_the_image():
     """The centre-offset targets of a rotated/flipped mask are the augmented offsets of the original mask."""
-    from scellst.tl._segmenter import _augment_offsets, _targets
+    from scellst.im._segmenter import _augment_offsets, _targets
 
     lab = np.zeros((40, 50), int)
     lab[3:15, 5:20] = 1
@@ -412,8 +412,8 @@ def test_offset_targets_turn_with_the_image():
 
 def test_offsets_split_touching_nuclei():
     """Two touching nuclei that the distance map merges are split where the centre offsets jump back."""
+    from scellst.im._segmenter import _targets
     from scellst.models import NucleusUNet, UNetConfig
-    from scellst.tl._segmenter import _targets
 
     lab = np.zeros((40, 60), int)
     lab[10:30, 10:30] = 1
@@ -438,7 +438,7 @@ def test_offset_model_flips_consistently(tissue):
     lab = np.zeros((96, 96), int)
     lab[20:40, 20:40] = 1
     lab[50:70, 40:70] = 2
-    model = scellst.tl.train_segmenter(
+    model = scellst.im.train_segmenter(
         [rgb],
         [lab],
         microns_per_pixel=0.5,
@@ -476,7 +476,7 @@ def test_self_training_learns_the_slides_nuclei(tissue, tmp_path, caplog):
     other = fresh_copy(tissue)
     path = tmp_path / "self.pt"
     with caplog.at_level("INFO", logger="scellst"):
-        model = scellst.tl.self_train_segmenter(
+        model = scellst.im.self_train_segmenter(
             [fresh_copy(tissue), other],
             rounds=2,
             n_patches=3,
@@ -492,7 +492,7 @@ def test_self_training_learns_the_slides_nuclei(tissue, tmp_path, caplog):
     assert len(model.history["pseudo_nuclei"]) == 2
     assert min(model.history["pseudo_nuclei"]) > 50
     assert path.exists()
-    scellst.pp.segment_nuclei(other, method=path, show_progress_bar=False)
+    scellst.im.segment_nuclei(other, method=path, show_progress_bar=False)
     n_true = len(tissue.shapes["true_cells"])
     assert 0.5 * n_true < len(other.shapes["nuclei"]) < 1.5 * n_true
     assert _true_nucleus_recall(other, tissue) > 0.9
@@ -513,17 +513,17 @@ def test_self_training_input_errors(tissue):
         ({"init": "model.pt"}, "init"),
     ]:
         with pytest.raises(ValueError, match=match):
-            scellst.tl.self_train_segmenter(sdata, **kwargs)
+            scellst.im.self_train_segmenter(sdata, **kwargs)
     with pytest.raises(TypeError, match="SpatialData"):
-        scellst.tl.self_train_segmenter([])
+        scellst.im.self_train_segmenter([])
     with pytest.raises(KeyError, match="nope"):
-        scellst.tl.self_train_segmenter(sdata, "nope")
+        scellst.im.self_train_segmenter(sdata, "nope")
     white = scellst.io.from_image(np.full((300, 300, 3), 250, np.uint8), microns_per_pixel=0.5)
     with pytest.raises(ValueError, match="No tissue found"):
-        scellst.tl.self_train_segmenter(white)
+        scellst.im.self_train_segmenter(white)
     gray = scellst.io.from_image(np.full((64, 64), 200, dtype=np.uint8), microns_per_pixel=0.5)
     with pytest.raises(ValueError, match="channel"):
-        scellst.tl.self_train_segmenter(gray)
+        scellst.im.self_train_segmenter(gray)
     assert isinstance(sdata, SpatialData)
     assert "nuclei" not in sdata.shapes  # nothing written to the object
 
@@ -532,11 +532,11 @@ def test_self_training_works_at_the_coarsest_slides_resolution(caplog):
     """A slide coarser than 0.5 um/px is not upsampled: the model works at its resolution, unless told otherwise."""
     coarse = scellst.datasets.synthetic_tissue(seed=2, size_um=(300.0, 300.0), microns_per_pixel=0.8)
     kw = {"rounds": 1, "n_patches": 1, "n_steps": 2, "batch_size": 2, "crop_size": 64, "calibrate": False}
-    model = scellst.tl.self_train_segmenter(coarse, show_progress_bar=False, **kw)
+    model = scellst.im.self_train_segmenter(coarse, show_progress_bar=False, **kw)
     assert model.config.microns_per_pixel == pytest.approx(0.8)
     assert "upsampled" not in caplog.text
     with caplog.at_level("WARNING", logger="scellst"):
-        model = scellst.tl.self_train_segmenter(coarse, working_mpp=0.5, show_progress_bar=False, **kw)
+        model = scellst.im.self_train_segmenter(coarse, working_mpp=0.5, show_progress_bar=False, **kw)
     assert model.config.microns_per_pixel == pytest.approx(0.5)
     assert "upsampled" in caplog.text
 
@@ -548,7 +548,7 @@ def test_resample_rgb_size_mean_and_anti_aliasing(factor):
     A one-pixel checkerboard has no structure at the coarser scale: an anti-aliased downscale turns it grey, a
     nearest or plain bilinear one would keep stripes of the extremes.
     """
-    from scellst.tl._segmenter import resample_rgb
+    from scellst.im._segmenter import resample_rgb
 
     rng = np.random.default_rng(0)
     img = rng.integers(0, 256, size=(101, 67, 3)).astype(np.uint8)
@@ -583,19 +583,19 @@ def test_train_segmenter_crop_workers(small_training_set):
     def weights(model):
         return np.concatenate([v.float().ravel().numpy() for v in model.state_dict.values()])
 
-    one = scellst.tl.train_segmenter([img], [mask], num_workers=1, **kw)
-    two = scellst.tl.train_segmenter([img], [mask], num_workers=2, **kw)
-    here = scellst.tl.train_segmenter([img], [mask], num_workers=0, **kw)
+    one = scellst.im.train_segmenter([img], [mask], num_workers=1, **kw)
+    two = scellst.im.train_segmenter([img], [mask], num_workers=2, **kw)
+    here = scellst.im.train_segmenter([img], [mask], num_workers=0, **kw)
     assert one.device == "cpu"
     np.testing.assert_array_equal(weights(one), weights(two))
     assert not np.array_equal(weights(one), weights(here))  # another random stream than num_workers=0
     assert len(one.history["loss"]) == 6
     with pytest.raises(ValueError, match="num_workers"):
-        scellst.tl.train_segmenter([img], [mask], num_workers=-1, **{**kw, "n_steps": 1})
+        scellst.im.train_segmenter([img], [mask], num_workers=-1, **{**kw, "n_steps": 1})
     with pytest.raises(ValueError, match="n_steps"):
-        scellst.tl.train_segmenter([img], [mask], **{**kw, "n_steps": 0})
+        scellst.im.train_segmenter([img], [mask], **{**kw, "n_steps": 0})
     # 10 steps: too short for the one-cycle schedule, which used to divide by zero there
-    assert len(scellst.tl.train_segmenter([img], [mask], **{**kw, "n_steps": 10}).history["loss"]) == 10
+    assert len(scellst.im.train_segmenter([img], [mask], **{**kw, "n_steps": 10}).history["loss"]) == 10
 
 
 def test_devices(small_model, small_training_set, monkeypatch):
@@ -612,7 +612,7 @@ def test_devices(small_model, small_training_set, monkeypatch):
         with pytest.raises(ValueError, match=match):
             resolve_device(bad)
     with pytest.raises(ValueError, match="no CUDA GPU"):
-        scellst.tl.train_segmenter([img], [mask], microns_per_pixel=0.5, device="cuda", n_steps=1)
+        scellst.im.train_segmenter([img], [mask], microns_per_pixel=0.5, device="cuda", n_steps=1)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     with pytest.raises(ValueError, match="1 CUDA device"):

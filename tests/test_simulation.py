@@ -38,7 +38,7 @@ MATCH = {"a": "T", "b": "tumour", "c": "fibro"}
 
 def test_simulate_spots_structure():
     cells, ref = _toy()
-    sim = scellst.tl.simulate_spots(
+    sim = scellst.bench.simulate_spots(
         cells,
         ref,
         scenario="cell",
@@ -73,7 +73,7 @@ def test_simulation_scenarios_give_expected_ranking():
     cells, ref = _toy()
     scores = {}
     for scenario in ("centroid", "cell", "random"):
-        sim = scellst.tl.simulate_spots(
+        sim = scellst.bench.simulate_spots(
             cells,
             ref,
             scenario=scenario,
@@ -84,7 +84,7 @@ def test_simulation_scenarios_give_expected_ranking():
             spot_groups="patch",
             seed=0,
         )
-        df = scellst.tl.benchmark_simulation(sim, models=("mil", "supervised", "oracle"), n_hvg=20, n_markers=5)
+        df = scellst.bench.benchmark_simulation(sim, models=("mil", "supervised", "oracle"), n_hvg=20, n_markers=5)
         inst = df[(df.level == "instance") & (df.gene_set == "hvg")].set_index("model")["pearson"]
         scores[scenario] = inst
     assert scores["centroid"]["mil"] > 0.8
@@ -96,7 +96,7 @@ def test_simulation_scenarios_give_expected_ranking():
 
 def test_kmeans_groups_and_arbitrary_matching():
     cells, ref = _toy()
-    sim = scellst.tl.simulate_spots(cells, ref, scenario="centroid", n_spots=50, seed=1)
+    sim = scellst.bench.simulate_spots(cells, ref, scenario="centroid", n_spots=50, seed=1)
     assert sim.cells.obs["group"].nunique() == 3  # one cluster per reference type
     assert sorted(t for ts in sim.matching.values() for t in ts) == ["T", "fibro", "tumour"]
 
@@ -104,22 +104,22 @@ def test_kmeans_groups_and_arbitrary_matching():
 def test_simulation_errors():
     cells, ref = _toy(n_cells=100, n_ref=50)
     with pytest.raises(ValueError, match="Unknown scenario"):
-        scellst.tl.simulate_spots(cells, ref, scenario="mixed")
+        scellst.bench.simulate_spots(cells, ref, scenario="mixed")
     with pytest.raises(ValueError, match="no entry in `matching`"):
-        scellst.tl.simulate_spots(cells, ref, groupby="klass", matching={"a": "T"})
+        scellst.bench.simulate_spots(cells, ref, groupby="klass", matching={"a": "T"})
     with pytest.raises(ValueError, match="not in the reference"):
-        scellst.tl.simulate_spots(cells, ref, groupby="klass", matching={"a": "T", "b": "B", "c": "fibro"})
+        scellst.bench.simulate_spots(cells, ref, groupby="klass", matching={"a": "T", "b": "B", "c": "fibro"})
     with pytest.raises(KeyError, match="no column"):
-        scellst.tl.simulate_spots(cells, ref, groupby="nope")
+        scellst.bench.simulate_spots(cells, ref, groupby="nope")
     bad = ref.copy()
     bad.X[0, 0] = -1
     with pytest.raises(ValueError, match="raw counts"):
-        scellst.tl.simulate_spots(cells, bad)
+        scellst.bench.simulate_spots(cells, bad)
 
 
 def test_dirichlet_compositions_vary():
     cells, ref = _toy()
-    sim = scellst.tl.simulate_spots(
+    sim = scellst.bench.simulate_spots(
         cells, ref, groupby="klass", matching=MATCH, n_spots=300, cells_per_spot=20, composition_alpha=0.3, seed=0
     )
     groups = sim.cells.obs["group"].astype(str).to_numpy()
@@ -128,15 +128,15 @@ def test_dirichlet_compositions_vary():
     assert np.median(top) > 0.6
     assert (top < 0.6).any()
     with pytest.raises(ValueError, match="composition_alpha"):
-        scellst.tl.simulate_spots(cells, ref, groupby="klass", matching=MATCH, n_spots=10, composition_alpha=-1)
+        scellst.bench.simulate_spots(cells, ref, groupby="klass", matching=MATCH, n_spots=10, composition_alpha=-1)
 
 
 def test_benchmark_simulation_runs_the_registered_models():
     cells, ref = _toy()
-    sim = scellst.tl.simulate_spots(
+    sim = scellst.bench.simulate_spots(
         cells, ref, scenario="centroid", groupby="klass", matching=MATCH, n_spots=300, cells_per_spot=10, seed=0
     )
-    df = scellst.tl.benchmark_simulation(
+    df = scellst.bench.benchmark_simulation(
         sim,
         models=("cpnn", "deepspot2cell", "miso", "oracle"),
         reference=ref,
@@ -154,4 +154,4 @@ def test_benchmark_simulation_runs_the_registered_models():
     expected = sim.cells.obs.loc[types.index, "matched_type"].astype(str)
     assert (types.to_numpy() == expected.to_numpy()).mean() > 0.9
     with pytest.raises(ValueError, match="needs an annotated single-cell reference"):
-        scellst.tl.benchmark_simulation(sim, models=("cpnn",))
+        scellst.bench.benchmark_simulation(sim, models=("cpnn",))

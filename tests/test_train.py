@@ -11,11 +11,11 @@ from .conftest import fresh_copy
 def test_model_learns_single_cell_expression(processed, model):
     sdata = fresh_copy(processed)
     scellst.tl.predict(sdata, model)
-    corr = scellst.tl.evaluate(sdata, level="cell")
+    corr = scellst.bench.evaluate(sdata, level="cell")
     matched = corr.attrs["matched_fraction"]
     assert matched > 0.95
     assert corr["pearson"].mean() > 0.45
-    spot = scellst.tl.evaluate(sdata)
+    spot = scellst.bench.evaluate(sdata)
     assert spot["pearson"].mean() > 0.5
     assert model.history[0]["train_loss"][-1] < model.history[0]["train_loss"][0]
     assert model.params["n_val_spots"] > 0
@@ -27,7 +27,7 @@ def test_shuffled_embeddings_learn_nothing_per_cell(processed):
     emb.X = emb.X[np.random.default_rng(0).permutation(emb.n_obs)]
     control = scellst.tl.train(sdata, seed=0, lr=1e-3, max_epochs=60, show_progress_bar=False)
     scellst.tl.predict(sdata, control)
-    corr = scellst.tl.evaluate(sdata, level="cell")
+    corr = scellst.bench.evaluate(sdata, level="cell")
     assert abs(corr["pearson"].mean()) < 0.15
 
 
@@ -98,8 +98,8 @@ def test_save_load_and_h_and_e_only_slide(processed, model, tmp_path):
     # a new slide that has only an H&E image
     image = np.asarray(processed.images["he"]["scale0"].image[:, :600, :600])
     he_only = scellst.io.from_image(image, microns_per_pixel=0.5)
-    scellst.pp.segment_nuclei(he_only, show_progress_bar=False)
-    scellst.tl.embed_cells(he_only, show_progress_bar=False)
+    scellst.im.segment_nuclei(he_only, show_progress_bar=False)
+    scellst.im.embed_cells(he_only, show_progress_bar=False)
     scellst.tl.predict(he_only, path)
     table = he_only.tables["nuclei_expression"]
     assert table.n_obs == len(he_only.shapes["nuclei"])

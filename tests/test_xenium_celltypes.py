@@ -20,8 +20,8 @@ def xenium_case(tissue, model, tmp_path_factory):
     scellst.datasets.write_synthetic_xenium(tissue, folder, offset_um=tuple(OFFSET_UM), pixel_size=PIXEL)
     he = np.asarray(image_level0(tissue, "he").data.compute())
     sdata = scellst.io.xenium(folder, he_image=he, alignment=folder / "he_imagealignment.csv")
-    scellst.pp.segment_nuclei(sdata, show_progress_bar=False)
-    scellst.tl.embed_cells(sdata, show_progress_bar=False)
+    scellst.im.segment_nuclei(sdata, show_progress_bar=False)
+    scellst.im.embed_cells(sdata, show_progress_bar=False)
     scellst.tl.predict(sdata, model, spots_key=None)
     return sdata
 
@@ -37,7 +37,7 @@ def test_xenium_reader_registers_he(xenium_case):
 
 def test_compare_xenium_known_answer(xenium_case, processed, model):
     sdata = fresh_copy(xenium_case)
-    df = scellst.tl.compare_xenium(sdata, max_distance_um=4.0)
+    df = scellst.bench.compare_xenium(sdata, max_distance_um=4.0)
     # every segmented nucleus has its true cell within a few microns, at the same place after registration
     assert df.attrs["matched_fraction_predicted"] > 0.9
     assert df.attrs["median_distance_um"] < 1.5
@@ -47,7 +47,7 @@ def test_compare_xenium_known_answer(xenium_case, processed, model):
     assert table.n_vars == len(df)
     assert table.uns["spatialdata_attrs"]["region"] == "nuclei"
     with pytest.raises(ValueError, match="already exists"):
-        scellst.tl.compare_xenium(sdata, max_distance_um=4.0)
+        scellst.bench.compare_xenium(sdata, max_distance_um=4.0)
     # nuclei that do not overlap the Xenium cells (wrong registration, other section): a clear error
     from spatialdata.transformations import Translation, set_transformation
 
@@ -56,13 +56,13 @@ def test_compare_xenium_known_answer(xenium_case, processed, model):
         shifted.shapes["nuclei"], Translation([1e6, 1e6], axes=("x", "y")), to_coordinate_system="global"
     )
     with pytest.raises(ValueError, match="registered"):
-        scellst.tl.compare_xenium(shifted, max_distance_um=4.0, key_added="x")
+        scellst.bench.compare_xenium(shifted, max_distance_um=4.0, key_added="x")
 
 
 def test_match_cells_is_one_to_one():
     a = np.array([[0.0, 0.0], [1.0, 0.0], [10.0, 10.0]])
     b = np.array([[0.2, 0.0], [0.9, 0.0], [50.0, 50.0]])
-    ia, ib, d = scellst.tl.match_cells(a, b, 2.0)
+    ia, ib, d = scellst.bench.match_cells(a, b, 2.0)
     assert sorted(zip(ia.tolist(), ib.tolist(), strict=True)) == [(0, 0), (1, 1)]
     np.testing.assert_allclose(np.sort(d), [0.1, 0.2])
 
@@ -115,7 +115,7 @@ def _non_blank(path) -> None:
 
 def test_plots(xenium_case, processed, model, tmp_path):
     sdata = fresh_copy(xenium_case)
-    scellst.tl.compare_xenium(sdata, max_distance_um=4.0)
+    scellst.bench.compare_xenium(sdata, max_distance_um=4.0)
     gene = str(sdata.tables["xenium_comparison"].var_names[0])
     scellst.pl.xenium_comparison(sdata, [gene], save=tmp_path / "xen.png")
     _non_blank(tmp_path / "xen.png")
@@ -123,7 +123,7 @@ def test_plots(xenium_case, processed, model, tmp_path):
     _non_blank(tmp_path / "gallery.png")
     other = fresh_copy(processed)
     scellst.tl.predict(other, model)
-    ev = scellst.tl.evaluate(other)
+    ev = scellst.bench.evaluate(other)
     scellst.pl.correlations({"model": ev, "xenium": sdata.tables["xenium_comparison"].var}, save=tmp_path / "c.png")
     _non_blank(tmp_path / "c.png")
     with pytest.raises(KeyError, match="neither an obs column nor a gene"):

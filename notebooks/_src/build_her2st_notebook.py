@@ -19,9 +19,9 @@ cells = [
     code(
         "slides = {}\nfor section in ['C2', 'C3', 'C4', 'C5']:\n"
         "    s = scellst.datasets.her2st(section, path=DATA / 'her2st')\n"
-        "    scellst.pp.segment_nuclei(s, show_progress_bar=False)\n"
+        "    scellst.im.segment_nuclei(s, show_progress_bar=False)\n"
         "    scellst.pp.assign_cells(s)\n"
-        "    scellst.tl.embed_cells(s, show_progress_bar=False)\n"
+        "    scellst.im.embed_cells(s, show_progress_bar=False)\n"
         "    slides[section] = s\nslides['C5']"
     ),
     md(
@@ -45,7 +45,7 @@ cells = [
         "model = scellst.tl.train([slides[s] for s in ('C2', 'C3', 'C4')], genes=genes, seed=0,\n"
         "                         show_progress_bar=False)\n"
         "test = slides['C5']\nscellst.tl.predict(test, model)\n"
-        "scores = scellst.tl.evaluate(test)\n"
+        "scores = scellst.bench.evaluate(test)\n"
         "print(f\"{len(genes)} genes; held-out C5 spot-level mean Pearson {scores['pearson'].mean():.3f}\")\n"
         "scores.sort_values('pearson', ascending=False).head(10)"
     ),

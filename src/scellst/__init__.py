@@ -9,6 +9,6 @@ try:
 except PackageNotFoundError:  # pragma: no cover - running from a source tree
     __version__ = "0.0.0+unknown"
 
-from . import datasets, io, models, pl, pp, tl
+from . import bench, datasets, im, io, models, pl, pp, tl
 
-__all__ = ["__version__", "datasets", "io", "models", "pl", "pp", "tl"]
+__all__ = ["__version__", "bench", "datasets", "im", "io", "models", "pl", "pp", "tl"]

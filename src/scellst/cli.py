@@ -33,7 +33,7 @@ def run_demo(
     matplotlib.use("Agg")
     import numpy as np
 
-    from . import datasets, pl, pp, tl
+    from . import bench, datasets, im, pl, pp, tl
 
     out = Path(out)
     store = out / "demo.zarr"
@@ -42,16 +42,16 @@ def run_demo(
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     sdata = datasets.synthetic_tissue(seed=seed, size_um=size_um)
-    pp.segment_nuclei(sdata)
+    im.segment_nuclei(sdata)
     pp.assign_cells(sdata)
-    tl.embed_cells(sdata)
+    im.embed_cells(sdata)
     n_genes = sdata.tables["spots_counts"].n_vars  # the synthetic tissue has 27 genes: ask for all of them
     trained = tl.train(sdata, model=model, seed=seed, n_top_genes=n_genes)
     tl.predict(sdata, trained)
     trained.save(out / "model.pt")
-    cell_corr = tl.evaluate(sdata, level="cell")
+    cell_corr = bench.evaluate(sdata, level="cell")
     matched = cell_corr.attrs["matched_fraction"]
-    spot_corr = tl.evaluate(sdata)
+    spot_corr = bench.evaluate(sdata)
     results = {
         "cell_pearson": float(cell_corr["pearson"].mean()),
         "spot_pearson": float(spot_corr["pearson"].mean()),
@@ -65,7 +65,7 @@ def run_demo(
         control = tl.train(sdata, model=model, seed=seed, n_top_genes=n_genes, show_progress_bar=False)
         tl.predict(sdata, control, key_added="shuffled_expression", spots_key=None)
         emb.X = original
-        shuffled = tl.evaluate(sdata, level="cell", predicted_key="shuffled_expression")
+        shuffled = bench.evaluate(sdata, level="cell", predicted_key="shuffled_expression")
         results["shuffled_cell_pearson"] = float(shuffled["pearson"].mean())
         del sdata.tables["shuffled_expression"]
 

@@ -816,7 +816,7 @@ def write_synthetic_xenium(
     ``cell_feature_matrix.h5`` (the true counts, 10x HDF5 layout), ``experiment.xenium`` and
     ``he_imagealignment.csv`` (H&E pixels -> Xenium pixels). Reading it back with
     ``scellst.io.xenium(path, he_image=..., alignment=path / "he_imagealignment.csv")`` gives a case where every
-    answer of :func:`scellst.tl.compare_xenium` is known.
+    answer of :func:`scellst.bench.compare_xenium` is known.
 
     Returns
     -------

@@ -224,7 +224,7 @@ def read_nuclei(
         (microns) for Xenium.
     microns_per_pixel
         Pixel size of the polygons' frame when ``sdata`` has no image: the shapes get ``Scale(microns_per_pixel)``
-        to ``global`` (microns) and the pixel size is recorded for :func:`scellst.tl.embed_cells` (``"shape"``).
+        to ``global`` (microns) and the pixel size is recorded for :func:`scellst.im.embed_cells` (``"shape"``).
     overwrite
         Replace existing shapes with the same name.
 

@@ -264,7 +264,7 @@ def _read_10x_h5(path: Path):
 def tissue_fraction(sdata: SpatialData, image_key: str, rows: np.ndarray, cols: np.ndarray) -> float:
     """Fraction of positions (level-0 pixels) that fall on stained tissue rather than glass, from a coarse level."""
     from .._utils import to_rgb_uint8
-    from ..pp._segment import _pyramid
+    from ..im._segment import _pyramid
 
     levels = _pyramid(sdata, image_key)
     arr, factor = levels[-1]

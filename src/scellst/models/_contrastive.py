@@ -135,7 +135,7 @@ class ContrastiveModel:
     """A trained contrastive image-expression model and what is needed to embed the cells of a new slide.
 
     ``feature_names`` and ``base`` describe the cell features the image encoder reads (the table of
-    :func:`scellst.tl.embed_cells` it was trained on: its method, ring and neighbourhood radii); new slides must be
+    :func:`scellst.im.embed_cells` it was trained on: its method, ring and neighbourhood radii); new slides must be
     embedded the same way. Features are scaled per slide (``embedding_scaling``) as for the MIL learner.
     """
 

@@ -203,13 +203,13 @@ class CellEncoder:
 
     @classmethod
     def load(cls, path: str | Path) -> CellEncoder:
-        """Read an encoder written by :meth:`save` (e.g. by :func:`scellst.tl.train_ssl`)."""
+        """Read an encoder written by :meth:`save` (e.g. by :func:`scellst.im.train_ssl`)."""
         from ._io import load_payload
 
         payload = load_payload(path, what="scellst encoder file")
         if payload.get("kind") != ENCODER_KIND:
             raise ValueError(
-                f"{str(path)!r} is not a scellst encoder file (from `scellst.tl.train_ssl`). For a torchvision-style "
+                f"{str(path)!r} is not a scellst encoder file (from `scellst.im.train_ssl`). For a torchvision-style "
                 "ResNet state_dict use `scellst.models.encoder_from_weights`."
             )
         if payload.get("format", 0) > ENCODER_FORMAT:

@@ -339,7 +339,7 @@ class ScellstModel:
         if embedding_method != self.embedding_method:
             raise ValueError(
                 f"The model was trained on {self.embedding_method!r} embeddings but the table holds "
-                f"{embedding_method!r} embeddings. Re-run `scellst.tl.embed_cells(..., method="
+                f"{embedding_method!r} embeddings. Re-run `scellst.im.embed_cells(..., method="
                 f"{self.embedding_method!r})` on this slide."
             )
         if list(feature_names) != list(self.feature_names):

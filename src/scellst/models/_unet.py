@@ -223,7 +223,7 @@ class NucleusUNet:
         first lowered where the offsets jump backwards (:func:`hv_boundary` with scale ``hv_edge``), which splits
         touching nuclei that the distance map alone merges. Objects under ``min_area_um2`` square microns are
         dropped, and seed specks under an eighth of it are ignored. All default to the model's values; the thresholds
-        are the ones :func:`scellst.tl.train_segmenter` calibrated on its training images.
+        are the ones :func:`scellst.im.train_segmenter` calibrated on its training images.
         """
         from scipy import ndimage as ndi
         from skimage.segmentation import watershed
@@ -296,7 +296,7 @@ class NucleusUNet:
 
         payload = load_payload(path, what="segmentation model")
         if payload.get("format") != "scellst-unet":
-            raise ValueError(f"{str(path)!r} is not a scellst segmentation model (from `scellst.tl.train_segmenter`).")
+            raise ValueError(f"{str(path)!r} is not a scellst segmentation model (from `scellst.im.train_segmenter`).")
         version = payload.get("version", 1)
         unknown = set(payload["config"]) - {f.name for f in fields(UNetConfig)}
         if version > UNET_FORMAT or unknown:

@@ -76,7 +76,7 @@ def gallery(
     """
     import matplotlib.pyplot as plt
 
-    from ..tl._crops import cell_crops
+    from ..im._crops import cell_crops
 
     keys = [by] if isinstance(by, str) else list(by)
     if not keys:
@@ -123,7 +123,7 @@ def correlations(
     Parameters
     ----------
     results
-        A per-gene DataFrame (e.g. from :func:`scellst.tl.evaluate` or :func:`scellst.tl.compare_xenium`), or a
+        A per-gene DataFrame (e.g. from :func:`scellst.bench.evaluate` or :func:`scellst.bench.compare_xenium`), or a
         mapping name -> DataFrame (or Series of correlations).
     metric
         Column to plot.
@@ -180,11 +180,11 @@ def xenium_comparison(
     Parameters
     ----------
     sdata
-        The SpatialData after :func:`scellst.tl.compare_xenium` (not modified).
+        The SpatialData after :func:`scellst.bench.compare_xenium` (not modified).
     genes
         Genes to show (shared by both sides).
     key
-        The matched-cell table written by :func:`scellst.tl.compare_xenium`.
+        The matched-cell table written by :func:`scellst.bench.compare_xenium`.
     point_size, cmap, panel_size
         Appearance.
     save
@@ -197,7 +197,7 @@ def xenium_comparison(
     import matplotlib.pyplot as plt
 
     genes = [genes] if isinstance(genes, str) else list(genes)
-    key = get_key(sdata, "tables", key, what="comparison table (run `scellst.tl.compare_xenium` first)")
+    key = get_key(sdata, "tables", key, what="comparison table (run `scellst.bench.compare_xenium` first)")
     table = sdata.tables[key]
     missing = [g for g in genes if g not in table.var_names]
     if missing:

@@ -46,7 +46,7 @@ def bins_to_cells(
     Parameters
     ----------
     sdata
-        The SpatialData object (modified in place), with nuclei (``scellst.pp.segment_nuclei``) and the bins, as
+        The SpatialData object (modified in place), with nuclei (``scellst.im.segment_nuclei``) and the bins, as
         :func:`scellst.io.visium_hd` reads them with ``extra_bin_sizes=(2,)``.
     bins_key, bins_table_key
         The bins (shapes) and their raw counts (table).
@@ -83,7 +83,7 @@ def bins_to_cells(
         raise ValueError(f"`expand_um` must be >= 0, got {expand_um}.")
     nuclei = sdata.shapes[shapes_key]
     if len(nuclei) == 0:
-        raise ValueError(f"No nucleus in {shapes_key!r}: segment the nuclei first (`scellst.pp.segment_nuclei`).")
+        raise ValueError(f"No nucleus in {shapes_key!r}: segment the nuclei first (`scellst.im.segment_nuclei`).")
     table = sdata.tables[bins_table_key]
     bins = sdata.shapes[bins_key]
     pos = pd.Index(bins.index.astype(str)).get_indexer(instance_ids(table))

@@ -4,27 +4,23 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
-import pandas as pd
 
 from .._constants import Attr, Key
 from .._device import resolve_device
 from .._logging import logger
-from .._utils import as_list, check_writable, get_key, instance_ids, provenance, scellst_attrs, source_image_key
+from .._utils import as_list, check_writable, get_key
 from ..pp._genes import rank_genes
 from ._train import MIN_TRAINING_SPOTS, build_training_data, embedding_table_key, prepare_slide, validation_mask
 
 if TYPE_CHECKING:
-    from anndata import AnnData
     from spatialdata import SpatialData
 
     from ..models._contrastive import ContrastiveModel
 
 CONTRASTIVE_SCALINGS = ("quantile", "slide")
-# base embeddings that embed_cells can compute again from the image alone (no encoder file needed)
-RECOMPUTABLE_BASES = ("morphology", "shape", "efficientnet-lite0")
 
 
 def train_contrastive(
@@ -63,7 +59,7 @@ def train_contrastive(
        binomial likelihood). With ``batch_agnostic=True`` its decoder is given the spot's batch, so the latent does
        not have to carry the batch (slide, patient, run) to reconstruct the counts, as in scVI: the latent mean is a
        batch-corrected description of the spot's expression.
-    2. An image encoder: an MLP applied to every cell's image features (the table of :func:`scellst.tl.embed_cells`,
+    2. An image encoder: an MLP applied to every cell's image features (the table of :func:`scellst.im.embed_cells`,
        scaled per slide as for :func:`scellst.tl.train`), averaged over the cells of the spot and projected. A
        symmetric InfoNCE loss (CLIP) asks each spot's image to find its own expression latent among the other spots
        of the batch, and back. Every batch holds the same number of spots from each batch label, so that the
@@ -71,7 +67,7 @@ def train_contrastive(
        has not improved for ``patience`` epochs.
 
     The MLP's output for each cell is the learned cell embedding: write it with :func:`scellst.tl.embed_contrastive`
-    (from the base table) or :func:`scellst.tl.embed_cells` with ``method="encoder", encoder=<this model or its
+    (from the base table) or :func:`scellst.im.embed_cells` with ``method="encoder", encoder=<this model or its
     file>`` (from the image), then train the MIL learner on it (``tl.train(..., table_key=...)``).
 
     Parameters
@@ -148,7 +144,7 @@ def train_contrastive(
         if s.feature_names != names:
             raise ValueError(
                 f"The cell features differ between slides ({len(names)} vs {len(s.feature_names)} features): embed "
-                "every slide with the same `scellst.tl.embed_cells` settings."
+                "every slide with the same `scellst.im.embed_cells` settings."
             )
     n_spots = sum(len(s.bags) for s in slides)
     if n_spots < MIN_TRAINING_SPOTS:
@@ -368,16 +364,6 @@ def _fit_heads(
     return history, best_epoch
 
 
-def _resolve_model(model: Any) -> ContrastiveModel:
-    from ..models._contrastive import ContrastiveModel
-
-    if isinstance(model, ContrastiveModel):
-        return model
-    if isinstance(model, str | Path):
-        return ContrastiveModel.load(model)
-    raise TypeError(f"Expected a ContrastiveModel or the path of its file, got {type(model).__name__}.")
-
-
 def embed_contrastive(
     sdata: SpatialData,
     model: ContrastiveModel | str | Path,
@@ -389,7 +375,7 @@ def embed_contrastive(
 ) -> None:
     """Write the cell embedding learned by :func:`scellst.tl.train_contrastive` for every cell of ``sdata``.
 
-    Reads the cell features the model was trained on (``table_key``, the table of :func:`scellst.tl.embed_cells`
+    Reads the cell features the model was trained on (``table_key``, the table of :func:`scellst.im.embed_cells`
     made with the same settings), scales them per slide as at training and applies the model's image encoder.
     Works on H&E-only slides: no expression is read.
 
@@ -413,113 +399,11 @@ def embed_contrastive(
     Nothing; adds ``sdata.tables[key_added]`` (cells x ``embedding_dim``, ``contrastive_{i}`` features) annotating the
     nucleus shapes, with ``obs['spot_id']`` when the cells were assigned and the provenance in ``uns['scellst']``.
     """
-    model = _resolve_model(model)
+    from ..im._contrastive import resolve_model, write_contrastive
+
+    model = resolve_model(model)
     shapes_key = get_key(sdata, "shapes", shapes_key, what="nucleus shapes")
     key_added = key_added or f"{shapes_key}_contrastive"
     check_writable(sdata, key_added, overwrite=overwrite)
     base = sdata.tables[embedding_table_key(sdata, shapes_key, table_key)]
     write_contrastive(sdata, shapes_key, model, base, key_added=key_added, overwrite=overwrite)
-
-
-def write_contrastive(
-    sdata, shapes_key: str, model: ContrastiveModel, base: AnnData, *, key_added: str, overwrite: bool
-) -> None:
-    """Apply ``model`` to the base features ``base`` of the cells of ``shapes_key`` and write the table."""
-    from ..models._mil import apply_scaling, slide_stats
-    from ._embed import _write_table
-
-    names = list(base.var_names)
-    if names != model.feature_names:
-        missing = [f for f in model.feature_names if f not in names]
-        raise ValueError(
-            f"The cell features ({len(names)}) are not those the contrastive model was trained on "
-            f"({len(model.feature_names)}, {model.base.get('method', 'unknown')!r} embedding"
-            f"{'; missing e.g. ' + ', '.join(missing[:3]) if missing else ''}): embed the cells with "
-            f"`scellst.tl.embed_cells(sdata, method={model.base.get('method', 'morphology')!r}, ...)` and the same "
-            "settings first."
-        )
-    ids = sdata.shapes[shapes_key].index.astype(str)
-    rows = pd.Index(instance_ids(base).astype(str)).get_indexer(ids)
-    if (rows < 0).any():
-        raise ValueError(
-            f"{int((rows < 0).sum()):,} nuclei of {shapes_key!r} have no row in the base feature table; embed the "
-            "cells of these shapes again (`scellst.tl.embed_cells(..., overwrite=True)`)."
-        )
-    raw = np.asarray(base.X, dtype=np.float32)[rows]
-    x = apply_scaling(raw, model.embedding_scaling, slide_stats(raw, model.embedding_scaling, None, None))
-    out = model.embed(x)
-    uns = provenance(
-        {
-            "method": "contrastive",
-            "base": model.base,
-            "embedding_scaling": model.embedding_scaling,
-            "batch_agnostic": model.config.batch_agnostic,
-            "genes": len(model.genes),
-            "context_um": [],
-        },
-        function="embed_contrastive",
-        shapes_key=shapes_key,
-    )
-    _write_table(
-        sdata,
-        shapes_key,
-        out,
-        [f"contrastive_{i}" for i in range(out.shape[1])],
-        key_added=key_added,
-        overwrite=overwrite,
-        uns=uns,
-    )
-    logger.info(f"Wrote the contrastive embedding of {len(out):,} cells to {key_added!r}")
-
-
-def embed_from_image(
-    sdata,
-    shapes_key: str,
-    image_key: str | None,
-    model: Any,
-    *,
-    key_added: str,
-    overwrite: bool,
-    tile_size: int,
-    batch_size: int,
-    device: str,
-    show_progress_bar: bool,
-) -> None:
-    """``embed_cells(method="encoder", encoder=<contrastive model>)``: the base features, then the image encoder."""
-    import copy
-
-    from spatialdata import SpatialData
-
-    from ._embed import embed_cells
-
-    model = _resolve_model(model)
-    method = model.base.get("method", "unknown")
-    if method not in RECOMPUTABLE_BASES:
-        raise ValueError(
-            f"This contrastive model reads {method!r} cell features, which need their own encoder: embed the cells "
-            f"with it first (`scellst.tl.embed_cells(sdata, method={method!r}, encoder=...)`), then call "
-            "`scellst.tl.embed_contrastive(sdata, model)`."
-        )
-    # the base features are computed on a light in-memory view (same image, shapes and pixel size), never written
-    images = {}
-    if method != "shape":  # outlines only: no image is read
-        image_key = source_image_key(sdata, shapes_key, image_key)
-        images = {image_key: sdata.images[image_key]}
-    light = SpatialData(images=images, shapes={shapes_key: sdata.shapes[shapes_key]})
-    light.attrs[Attr.ROOT] = copy.deepcopy(scellst_attrs(sdata))
-    options: dict[str, Any] = {"context_um": model.base.get("context_um") or None}
-    if "ring_um" in model.base:
-        options["ring_um"] = float(model.base["ring_um"])
-    embed_cells(
-        light,
-        shapes_key,
-        method=method,
-        image_key=image_key,
-        key_added="base",
-        tile_size=tile_size,
-        batch_size=batch_size,
-        device=device,
-        show_progress_bar=show_progress_bar,
-        **options,
-    )
-    write_contrastive(sdata, shapes_key, model, light.tables["base"], key_added=key_added, overwrite=overwrite)

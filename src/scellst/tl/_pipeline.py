@@ -69,10 +69,10 @@ def prepare_cells(
     sdata
         The slide (modified in place; with ``overwrite=False`` nothing already there is replaced).
     method, encoder, context_um
-        How to embed the cells when the slide has no embedding table (see :func:`scellst.tl.embed_cells`).
+        How to embed the cells when the slide has no embedding table (see :func:`scellst.im.embed_cells`).
     tile_cache
         A folder for the finished tiles of segmentation and embedding (subfolders ``segment`` and ``embed``), so that
-        an interrupted step resumes tile by tile (see :func:`scellst.pp.segment_nuclei`).
+        an interrupted step resumes tile by tile (see :func:`scellst.im.segment_nuclei`).
     tile_size
         Tile side in pixels of segmentation and embedding (memory per task grows with its square).
     overwrite
@@ -86,13 +86,14 @@ def prepare_cells(
     The steps that ran, in order (``"segment_nuclei"``, ``"embed_cells"``, ``"assign_cells"``).
     """
     from .. import pp
+    from ..im._embed import embed_cells
+    from ..im._segment import segment_nuclei
     from ..pp._assign import default_assignment
-    from ._embed import embed_cells
 
     cache = None if tile_cache is None else Path(tile_cache)
     steps = []
     if Key.NUCLEI not in sdata.shapes:
-        pp.segment_nuclei(
+        segment_nuclei(
             sdata,
             tile_cache=None if cache is None else cache / "segment",
             tile_size=tile_size,

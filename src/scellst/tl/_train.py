@@ -78,7 +78,7 @@ def embedding_table_key(sdata: SpatialData, shapes_key: str, table_key: str | No
     key = table_key or f"{shapes_key}{Key.EMBEDDINGS_SUFFIX}"
     if key not in sdata.tables:
         raise KeyError(
-            f"No embedding table {key!r}; run `scellst.tl.embed_cells(sdata, {shapes_key!r})` first "
+            f"No embedding table {key!r}; run `scellst.im.embed_cells(sdata, {shapes_key!r})` first "
             f"(available tables: {list(sdata.tables)})."
         )
     return key
@@ -889,7 +889,7 @@ def train(
     ----------
     sdata
         One SpatialData, or a list for multi-slide training. Each needs nucleus shapes assigned to spots
-        (:func:`scellst.pp.assign_cells`), an embedding table (:func:`scellst.tl.embed_cells`) and a spot count table.
+        (:func:`scellst.pp.assign_cells`), an embedding table (:func:`scellst.im.embed_cells`) and a spot count table.
     model
         ``"scellst"`` (default), ``"cpnn"``, ``"deepspot2cell"`` or ``"miso"``.
     model_params

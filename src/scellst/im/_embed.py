@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 import pandas as pd
 
-from .._constants import Attr, Col, Key
+from .._constants import Col, Key
 from .._logging import logger
 from .._tiles import TileCache, run_tiles
 from .._utils import (
@@ -25,9 +25,9 @@ from .._utils import (
     shapes_microns_per_unit,
     source_image_key,
     to_rgb_uint8,
-    write_element,
 )
 from ._neighbourhood import DEFAULT_CONTEXT_UM, check_radii, context_feature_names, neighbourhood_features
+from ._tables import _write_table
 
 if TYPE_CHECKING:
     from spatialdata import SpatialData
@@ -263,7 +263,7 @@ def embed_cells(
 
     The other methods run a neural encoder on a crop centred on each nucleus (by default 12 um resampled to 48 px,
     as in the paper), read tile by tile and normalised with the slide's own statistics:
-    ``"ssl"`` an encoder from :func:`scellst.tl.train_ssl` (``encoder=`` its file); ``"encoder"`` any torch module
+    ``"ssl"`` an encoder from :func:`scellst.im.train_ssl` (``encoder=`` its file); ``"encoder"`` any torch module
     or local weights file (a TorchScript file or a torchvision-style ResNet ``state_dict``, see
     :func:`scellst.models.encoder_from_weights`), or a contrastive image-expression model from
     :func:`scellst.tl.train_contrastive` (its base features are computed, then its image encoder is applied);
@@ -274,7 +274,7 @@ def embed_cells(
     sdata
         The SpatialData object (modified in place).
     shapes_key
-        The nucleus shapes (from :func:`scellst.pp.segment_nuclei` or imported).
+        The nucleus shapes (from :func:`scellst.im.segment_nuclei` or imported).
     method
         ``"morphology"``, ``"shape"``, ``"ssl"``, ``"encoder"``, ``"efficientnet-lite0"`` or ``"random"``.
     encoder
@@ -288,7 +288,7 @@ def embed_cells(
         Width of the ring around each nucleus, in microns.
     context_um
         Radii (microns) of the neighbourhood features added to each cell's own features (see
-        :func:`scellst.tl.neighbourhood_features`): per radius, ``density_nb{r}um`` and ``{feature}_nb{r}um`` for every
+        :func:`scellst.im.neighbourhood_features`): per radius, ``density_nb{r}um`` and ``{feature}_nb{r}um`` for every
         feature. ``"auto"``: ``(50, 100, 200, 400)`` for ``"morphology"`` and ``"shape"``, none for the neural encoders (whose hundreds of
         features would be multiplied); ``None`` or ``()``: the cell's own features only.
     tile_size
@@ -301,7 +301,7 @@ def embed_cells(
         Seed of the ``"random"`` encoder.
     tile_cache
         Morphology: a folder where each finished tile is kept, so that a run restarted with the same folder loads
-        them instead of recomputing them (see :func:`scellst.pp.segment_nuclei`). ``None``: no cache.
+        them instead of recomputing them (see :func:`scellst.im.segment_nuclei`). ``None``: no cache.
     overwrite
         Replace an existing table with the same name.
     show_progress_bar
@@ -330,11 +330,21 @@ def embed_cells(
         _embed_shapes(sdata, shapes_key, image_key, key_added=key_added, radii=radii, overwrite=overwrite)
         return
     if method == "encoder" and _is_contrastive(encoder):
-        from ._contrastive import embed_from_image
+        from ._contrastive import base_view, resolve_model, write_contrastive
 
-        embed_from_image(sdata, shapes_key, image_key, encoder, key_added=key_added, overwrite=overwrite,
-                         tile_size=tile_size, batch_size=batch_size, device=device,
-                         show_progress_bar=show_progress_bar)  # fmt: skip
+        model = resolve_model(encoder)
+        light, options = base_view(sdata, shapes_key, image_key, model)
+        embed_cells(
+            light,
+            shapes_key,
+            key_added="base",
+            tile_size=tile_size,
+            batch_size=batch_size,
+            device=device,
+            show_progress_bar=show_progress_bar,
+            **options,
+        )
+        write_contrastive(sdata, shapes_key, model, light.tables["base"], key_added=key_added, overwrite=overwrite)
         return
     image_key = source_image_key(sdata, shapes_key, image_key)
     mpp = get_microns_per_pixel(sdata, image_key)
@@ -559,25 +569,6 @@ def _with_context(
     logger.info(f"Adding neighbourhood features of {len(x):,} cells at {', '.join(f'{r:g}' for r in radii)} um")
     context = neighbourhood_features(xy_um, x, radii)
     return np.concatenate([x, context], axis=1), names + context_feature_names(names, radii)
-
-
-def _write_table(sdata, shapes_key, x, var_names, *, key_added, overwrite, uns) -> None:
-    """Store per-nucleus features as a table annotating the shapes (spot assignment and centroids kept)."""
-    import anndata as ad
-    from spatialdata.models import TableModel
-
-    nuclei = sdata.shapes[shapes_key]
-    ids = nuclei.index.to_numpy()
-    obs = pd.DataFrame(
-        {Col.CELL_ID: ids, Col.REGION: pd.Categorical([shapes_key] * len(ids))}, index=pd.Index(ids.astype(str))
-    )
-    if Col.SPOT_ID in nuclei:
-        obs[Col.SPOT_ID] = pd.Categorical(nuclei[Col.SPOT_ID].to_numpy())
-    adata = ad.AnnData(X=np.asarray(x, dtype=np.float32), obs=obs, var=pd.DataFrame(index=list(var_names)))
-    adata.obsm["spatial"] = shapes_centroids(nuclei)
-    adata.uns[Attr.ROOT] = uns
-    table = TableModel.parse(adata, region=shapes_key, region_key=Col.REGION, instance_key=Col.CELL_ID)
-    write_element(sdata, key_added, table, overwrite=overwrite, what=f"{table.n_obs:,} cells x {table.n_vars} features")
 
 
 def _embed_with_encoder(

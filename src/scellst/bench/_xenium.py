@@ -134,7 +134,7 @@ def compare_xenium(
     if len(ia) < 3:
         raise ValueError(
             f"Only {len(ia)} nuclei lie within {max_distance_um} um of a Xenium cell. Check that the H&E is registered "
-            "to the Xenium cells (`scellst.io.xenium(..., alignment=...)`; `scellst.tl.registration_shifts` measures how "
+            "to the Xenium cells (`scellst.io.xenium(..., alignment=...)`; `scellst.im.registration_shifts` measures how "
             "far off it is, tile by tile, from the Xenium nucleus outlines), or compare by cell type with "
             "`scellst.tl.compare_cell_types` when the sections differ."
         )

@@ -20,8 +20,8 @@ from .._utils import (
     shapes_centroids,
 )
 from ..pp._genes import lognorm, rank_genes
+from ..tl._train import FitSettings, Slide, fit_slides, prepare_slide
 from ._metrics import metrics_per_gene
-from ._train import FitSettings, Slide, fit_slides, prepare_slide
 
 if TYPE_CHECKING:
     from spatialdata import SpatialData
@@ -249,8 +249,8 @@ def cross_validate(
     A tidy DataFrame with one row per fold, model and gene: ``fold``, ``test``, ``model``, ``gene``, ``pearson``,
     ``spearman``, ``rmse``, ``mae`` and ``train_seconds``.
     """
+    from ..tl._models import default_lr
     from ._baselines import BASELINES, fit_predict_baseline
-    from ._models import default_lr
 
     if not isinstance(slides, Mapping):
         slides = {f"slide_{i}": s for i, s in enumerate(slides)}

@@ -458,7 +458,7 @@ def _fit(
 ):  # fmt: skip
     import anndata as ad
 
-    from ._train import FitSettings, Slide, fit_slides
+    from ..tl._train import FitSettings, Slide, fit_slides
 
     slide = Slide(
         name=name,
@@ -490,7 +490,7 @@ def default_gene_sets(cells: AnnData, *, n_hvg: int = 50, n_markers: int = 10) -
     n_hvg = min(n_hvg, a.n_vars)
     hvg = sc.pp.highly_variable_genes(a, flavor="seurat_v3", n_top_genes=n_hvg, inplace=False)
     hvg_genes = list(hvg.sort_values("highly_variable_rank").index[:n_hvg])
-    from ._celltypes import marker_genes
+    from ..tl._celltypes import marker_genes
 
     per_type = marker_genes(a, groupby="matched_type", n_genes=n_markers) if a.obs["matched_type"].nunique() > 1 else {}
     markers = list(dict.fromkeys(g for genes in per_type.values() for g in genes))

@@ -289,7 +289,7 @@ class ClassicalSegmenter:
 
 
 class UNetSegmenter:
-    """A U-Net from :func:`scellst.tl.train_segmenter`, at its training resolution.
+    """A U-Net from :func:`scellst.im.train_segmenter`, at its training resolution.
 
     Its post-processing keeps nuclei of at least ``min_area_um2``, the value given to :func:`segment_nuclei`
     (not the one saved with the model), so that the engine's size filter applies to every method alike.
@@ -462,7 +462,7 @@ def _make_segmenter(method, *, weights, params, threshold, working_mpp, arr0, mp
         return UNetSegmenter(NucleusUNet.load(method), params.min_area_um2)  # a missing file: FileNotFoundError
     raise ValueError(
         f"Unknown segmentation method {method!r}: use 'classical', the path of a model from "
-        f"`scellst.tl.train_segmenter`, or one of the optional backends {BACKENDS} (with `weights=`)."
+        f"`scellst.im.train_segmenter`, or one of the optional backends {BACKENDS} (with `weights=`)."
     )
 
 
@@ -516,7 +516,7 @@ def segment_nuclei(
       tissue patches, a morphological clean-up, one seed per nucleus from a Laplacian-of-Gaussian blob filter, a
       watershed of the haematoxylin from the seeds that splits touching nuclei, and a local re-threshold of each
       nucleus (see :func:`segment_tile`).
-    - a path to a model from :func:`scellst.tl.train_segmenter` (or the model object): a U-Net predicting
+    - a path to a model from :func:`scellst.im.train_segmenter` (or the model object): a U-Net predicting
       foreground and a distance map, separated by watershed; class-aware models add a ``class`` column.
     - ``"stardist"``, ``"cellpose"``, ``"instanseg"``: optional backends (install the matching extra) with a local
       ``weights`` path; nothing is downloaded.

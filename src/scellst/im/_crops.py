@@ -211,7 +211,7 @@ def cell_crops(
     -------
     A :class:`CellCrops` (iterate with :meth:`CellCrops.iter_tiles`, or :meth:`CellCrops.to_array`).
     """
-    from ..pp._segment import _pyramid
+    from ._segment import _pyramid
 
     if crop_um <= 0 or crop_px < 8:
         raise ValueError(f"`crop_um` must be positive and `crop_px` at least 8, got {crop_um} and {crop_px}.")

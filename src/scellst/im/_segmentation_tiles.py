@@ -1,4 +1,4 @@
-"""Training tiles for :func:`scellst.tl.train_segmenter` from nucleus outlines registered to an H&E image."""
+"""Training tiles for :func:`scellst.im.train_segmenter` from nucleus outlines registered to an H&E image."""
 
 from __future__ import annotations
 
@@ -91,15 +91,15 @@ def segmentation_tiles(
 
     Returns
     -------
-    The keyword arguments of :func:`scellst.tl.train_segmenter`: ``images`` (RGB uint8 tiles), ``masks`` (instance
+    The keyword arguments of :func:`scellst.im.train_segmenter`: ``images`` (RGB uint8 tiles), ``masks`` (instance
     labels), ``microns_per_pixel``, and with ``class_key`` ``classes`` (class per pixel, 0 background or no class)
-    and ``class_names``; use ``scellst.tl.train_segmenter(**tiles, out=...)``.
+    and ``class_names``; use ``scellst.im.train_segmenter(**tiles, out=...)``.
 
     Examples
     --------
     >>> sdata = scellst.io.xenium("xenium_out", he_image="he.ome.tif", alignment="he_imagealignment.csv")
-    >>> tiles = scellst.tl.segmentation_tiles(sdata, "xenium_nuclei", image_key="he")
-    >>> model = scellst.tl.train_segmenter(**tiles, out="he_from_xenium.pt")
+    >>> tiles = scellst.im.segmentation_tiles(sdata, "xenium_nuclei", image_key="he")
+    >>> model = scellst.im.train_segmenter(**tiles, out="he_from_xenium.pt")
     """
     grid = _outline_tiles(
         sdata,
@@ -158,7 +158,7 @@ def registration_shifts(
     """How far nucleus outlines registered to an H&E sit from its nuclei, tile by tile, across the section.
 
     A check of the registration of an H&E with Xenium (or any outlines in a coordinate system shared with the
-    image) before comparing cells one to one (:func:`scellst.tl.compare_xenium`) or training on the outlines
+    image) before comparing cells one to one (:func:`scellst.bench.compare_xenium`) or training on the outlines
     (:func:`segmentation_tiles`). In each tile the nucleus mask drawn from the outlines is cross-correlated with
     the haematoxylin of the image; the best match within ``max_shift_um`` is the local registration error.
 
@@ -194,7 +194,7 @@ def registration_shifts(
 
     Examples
     --------
-    >>> shifts = scellst.tl.registration_shifts(xs, "xenium_nuclei", image_key="he")
+    >>> shifts = scellst.im.registration_shifts(xs, "xenium_nuclei", image_key="he")
     >>> shifts.plot.scatter("x", "y", c="shift_um")  # where the registration is off
     """
     grid = _outline_tiles(
@@ -255,7 +255,7 @@ class _OutlineTiles:
 
     def mask(self, y0: int, x0: int) -> np.ndarray:
         """Instance labels (1.. in the order of the shapes) of the outlines in the window at ``(y0, x0)``."""
-        from ..pp._segment import render_polygons
+        from ._segment import render_polygons
 
         window = (y0, y0 + self.side, x0, x0 + self.side)
         return render_polygons(self.geoms, self._ids, self.tree, window).astype(np.int32)
@@ -355,7 +355,7 @@ def registration_shift(
     """
     from scipy import ndimage as ndi
 
-    from ..pp._segment import _hematoxylin
+    from ._segment import _hematoxylin
 
     hema = ndi.gaussian_filter(_hematoxylin(image), max(0.5 / microns_per_pixel, 0.5))
     fg = (mask > 0).astype(np.float32)

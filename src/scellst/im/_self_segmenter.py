@@ -50,15 +50,15 @@ def self_train_segmenter(
     """Train a nucleus segmentation U-Net on the slides' own nuclei found by the classical segmenter.
 
     No annotation is needed. Patches of tissue are sampled on each slide and segmented by the classical method of
-    :func:`scellst.pp.segment_nuclei`; a U-Net (:func:`scellst.tl.train_segmenter`) learns these nuclei, then
+    :func:`scellst.im.segment_nuclei`; a U-Net (:func:`scellst.im.train_segmenter`) learns these nuclei, then
     re-segments the patches, and the next round learns from the model's own nuclei. The network smooths out the
     classical method's inconsistent errors: on 13 annotated MoNuSeg tiles (annotations used only to score), three
     rounds raised the detection F1 of the classical method from 0.56 to 0.61, its AJI from 0.46 to 0.48 and its PQ
     from 0.39 to 0.42, and the model segments faster than the classical method (see the benchmarks page). A model
-    from manual annotations (:func:`scellst.tl.train_segmenter`) is better still where you have them.
+    from manual annotations (:func:`scellst.im.train_segmenter`) is better still where you have them.
 
     Only the sampled patches are read, at full resolution, one at a time; the slide itself is never loaded. Then
-    segment the whole slide with the model: ``scellst.pp.segment_nuclei(sdata, method=model)``; the model also
+    segment the whole slide with the model: ``scellst.im.segment_nuclei(sdata, method=model)``; the model also
     serves other slides of the same kind (pass several slides here to learn from all of them).
 
     Parameters
@@ -84,7 +84,7 @@ def self_train_segmenter(
     n_steps
         Training steps per round.
     base_channels
-        Width of the U-Net (see :func:`scellst.tl.train_segmenter`).
+        Width of the U-Net (see :func:`scellst.im.train_segmenter`).
     out
         Where to save the final model.
     seed
@@ -92,7 +92,7 @@ def self_train_segmenter(
     show_progress_bar
         Show progress bars over the training steps.
     **kwargs
-        Passed to :func:`scellst.tl.train_segmenter` (e.g. ``crop_size``, ``hv``, ``precision``).
+        Passed to :func:`scellst.im.train_segmenter` (e.g. ``crop_size``, ``hv``, ``precision``).
 
     Returns
     -------
@@ -102,7 +102,7 @@ def self_train_segmenter(
     from spatialdata import SpatialData
 
     from .._utils import get_key, get_microns_per_pixel, image_rgb_tile
-    from ..pp._segment import ClassicalParams, _pyramid, check_rgb, estimate_threshold, segment_tile, tissue_boxes
+    from ._segment import ClassicalParams, _pyramid, check_rgb, estimate_threshold, segment_tile, tissue_boxes
     from ._segmenter import resample_labels, resample_rgb, train_segmenter
 
     slides = [sdata] if isinstance(sdata, SpatialData) else list(sdata)

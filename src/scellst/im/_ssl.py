@@ -60,7 +60,7 @@ def train_ssl(
         The nucleus shapes in every object.
     path
         Where to write the trained encoder (load with :func:`scellst.models.CellEncoder.load`, or pass the path to
-        ``scellst.tl.embed_cells(..., method="ssl", encoder=path)``).
+        ``scellst.im.embed_cells(..., method="ssl", encoder=path)``).
     image_key
         The H&E image; ``None`` uses the image the shapes came from, or the only image.
     arch
@@ -310,7 +310,7 @@ def resolve_encoder(method: str, encoder: Any, *, seed: int = 0) -> CellEncoder:
     if method == "ssl":
         if encoder is None:
             raise ValueError(
-                "`method='ssl'` needs `encoder=`: the file written by `scellst.tl.train_ssl` (or its return value)."
+                "`method='ssl'` needs `encoder=`: the file written by `scellst.im.train_ssl` (or its return value)."
             )
         return enc.CellEncoder.load(encoder)
     if method == "random":
