@@ -84,8 +84,8 @@ def _with_table(slides, key: str, x_of) -> None:
 def part_ablation(slides, seed: int) -> pd.DataFrame:
     """One change at a time, on single networks (embeddings rebuilt in memory from the cells' own features)."""
     import scellst
-    from scellst._utils import get_microns_per_pixel
-    from scellst.im._neighbourhood import context_feature_names
+    from scellst.im import context_feature_names
+    from scellst.io import get_microns_per_pixel
 
     one = {"n_models": 1}
 
@@ -248,7 +248,7 @@ def part_stability(slides, seed: int) -> None:
     from stability import within_spot_agreement
 
     import scellst
-    from scellst.tl._train import prepare_slide
+    from scellst.tl import prepare_slide
 
     names = list(slides)
     train, test = [slides[n] for n in names[:-1]], slides[names[-1]]

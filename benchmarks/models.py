@@ -100,9 +100,9 @@ def her2st(args, reference) -> None:
     # MISO's cell-level student at spot level (the mean of its cells), for comparison with the teacher
     rows = []
     for (fold, name), model in df.attrs["models"].items():
-        test = scellst.tl._train.prepare_slide(slides[fold], name=fold)
+        test = scellst.tl.prepare_slide(slides[fold], name=fold)
         genes = model.genes
-        truth = scellst.pp._genes.lognorm(test.counts, genes)
+        truth = scellst.pp.lognorm(test.counts, genes)
         if name == "miso":
             student = model.predict_spots(test.features, test.bags)  # no positions: the student's bag means
             rows.append(scellst.bench.metrics_per_gene(student, truth, genes)["pearson"].mean())
@@ -114,7 +114,7 @@ def her2st(args, reference) -> None:
         if name != "cpnn":
             continue
         sdata = slides[fold]
-        test = scellst.tl._train.prepare_slide(sdata, name=fold)
+        test = scellst.tl.prepare_slide(sdata, name=fold)
         w = model.predict_type_weights(test.features)
         per_spot = pd.DataFrame(np.stack([w[b].mean(axis=0) for b in test.bags]), columns=model.cell_types)
         per_spot.index = test.spot_ids

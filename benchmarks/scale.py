@@ -23,7 +23,7 @@ def main() -> None:
     import dask.array as da
     import pandas as pd
 
-    from scellst.tl._train import FitSettings, Slide, fit_slides
+    from scellst.tl import FitSettings, Slide, fit_slides
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--cells", type=int, default=1_000_000)

@@ -30,7 +30,7 @@ def within_spot_agreement(a: np.ndarray, b: np.ndarray, bags: list[np.ndarray]) 
 
 def main() -> None:
     import scellst
-    from scellst.tl._train import prepare_slide
+    from scellst.tl import prepare_slide
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--n-models", type=int, default=5)

@@ -135,7 +135,19 @@ def set_microns_per_pixel(sdata: SpatialData, image_key: str | None = None, *, m
 
 
 def get_microns_per_pixel(sdata: SpatialData, image_key: str) -> float:
-    """The recorded physical size of a level-0 pixel of ``image_key``, with a helpful error when it is missing."""
+    """The recorded physical size of a level-0 pixel of ``image_key``, with a helpful error when it is missing.
+
+    Parameters
+    ----------
+    sdata
+        The SpatialData object.
+    image_key
+        The image.
+
+    Returns
+    -------
+    Microns per full-resolution pixel (set by the scellst readers or :func:`scellst.io.set_microns_per_pixel`).
+    """
     value = scellst_attrs(sdata).get(Attr.MICRONS_PER_PIXEL, {}).get(image_key)
     if value is None:
         raise ValueError(

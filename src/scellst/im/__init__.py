@@ -2,7 +2,7 @@
 
 from ._crops import CellCrops, StainNormalizer, cell_crops
 from ._embed import embed_cells, shape_features
-from ._neighbourhood import neighbourhood_features
+from ._neighbourhood import context_feature_names, neighbourhood_features
 from ._segment import segment_nuclei
 from ._segmentation_tiles import registration_shifts, segmentation_tiles
 from ._segmenter import train_segmenter
@@ -13,6 +13,7 @@ __all__ = [
     "CellCrops",
     "StainNormalizer",
     "cell_crops",
+    "context_feature_names",
     "embed_cells",
     "neighbourhood_features",
     "registration_shifts",

@@ -18,7 +18,21 @@ _BINS_PER_RADIUS = 5  # grid bin = radius / 5: fine enough for a smooth Gaussian
 
 
 def context_feature_names(feature_names: Sequence[str], radii_um: Sequence[float]) -> list[str]:
-    """Names of the neighbourhood features: per radius, the density then each feature's neighbourhood mean."""
+    """Names of the neighbourhood features: per radius, the density then each feature's neighbourhood mean.
+
+    The columns that :func:`scellst.im.neighbourhood_features` returns, in its order.
+
+    Parameters
+    ----------
+    feature_names
+        The cell's own feature names.
+    radii_um
+        The radii, in microns.
+
+    Returns
+    -------
+    ``density_nb{r}um`` then ``{feature}_nb{r}um`` for every feature, radius by radius.
+    """
     names = []
     for r in radii_um:
         tag = f"nb{float(r):g}um"

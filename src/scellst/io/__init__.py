@@ -1,6 +1,6 @@
 """Readers: bring H&E images and spot transcriptomics into a scellst SpatialData."""
 
-from .._utils import set_microns_per_pixel
+from .._utils import get_microns_per_pixel, set_microns_per_pixel
 from ._nuclei import read_nuclei
 from ._readers import file_microns_per_pixel, from_image, from_spots, read, visium
 from ._visium_hd import visium_hd
@@ -11,6 +11,7 @@ __all__ = [
     "file_microns_per_pixel",
     "from_image",
     "from_spots",
+    "get_microns_per_pixel",
     "read",
     "read_alignment",
     "read_nuclei",

@@ -29,7 +29,21 @@ def library_size(table: AnnData) -> np.ndarray:
 
 
 def lognorm(table: AnnData, genes: Sequence[str]) -> np.ndarray:
-    """``log1p`` of counts normalised to 10,000 per spot (library size over all genes), for ``genes``."""
+    """``log1p`` of counts normalised to 10,000 per spot (library size over all genes), for ``genes``.
+
+    The targets of the ``"mse"`` loss and the scale of every evaluation.
+
+    Parameters
+    ----------
+    table
+        A count table (spots x genes, raw counts in ``X``).
+    genes
+        The genes to return, in this order.
+
+    Returns
+    -------
+    A dense ``float32`` array, spots x ``genes``.
+    """
     lib = library_size(table)
     sub = _dense(table[:, list(genes)].X).astype(float)
     return np.log1p(sub / np.maximum(lib, 1e-12)[:, None] * TARGET_SUM).astype(np.float32)

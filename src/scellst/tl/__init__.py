@@ -6,16 +6,20 @@ from ._celltypes import compare_cell_types, marker_genes, score_cell_types
 from ._contrastive import embed_contrastive, train_contrastive
 from ._pipeline import SlideRun, prepare_cells, run_predict, run_train
 from ._spots import spot_embeddings
-from ._train import load_model, predict, train
+from ._train import FitSettings, Slide, fit_slides, load_model, predict, prepare_slide, train
 
 __all__ = [
+    "FitSettings",
+    "Slide",
     "SlideRun",
     "compare_cell_types",
     "embed_contrastive",
+    "fit_slides",
     "load_model",
     "marker_genes",
     "predict",
     "prepare_cells",
+    "prepare_slide",
     "run_predict",
     "run_train",
     "score_cell_types",

@@ -45,7 +45,32 @@ DEFAULT_SCALING = "quantile"  # cell features: per-slide normal scores (robust t
 # --------------------------------------------------------------------------------------------------------------------
 @dataclass
 class Slide:
-    """One slide's training material: raw cell features, the cells of each kept spot, and the spot counts."""
+    """One slide's training material: raw cell features, the cells of each kept spot, and the spot counts.
+
+    Made by :func:`scellst.tl.prepare_slide`; the input of :func:`scellst.tl.fit_slides` (the low-level training API
+    behind :func:`scellst.tl.train`, for benchmarks that prepare slides once and fit many models).
+
+    Attributes
+    ----------
+    name
+        A label for logs.
+    features
+        Raw features of every cell of the slide (cells x features), before per-slide scaling.
+    bags
+        For each kept spot, the indices of its cells into ``features``.
+    counts
+        Kept spots x all genes, raw counts.
+    spot_xy
+        Kept spot centres (the spots' own frame).
+    spot_ids
+        Kept spot names.
+    feature_names
+        Names of the features.
+    embedding_method
+        The ``tl.embed_cells`` method that made the features.
+    weights
+        For each kept spot, its cells' overlap weights (``None``: plain means, cells assigned by centroid).
+    """
 
     name: str
     features: np.ndarray  # raw features of every cell of the slide
@@ -140,7 +165,28 @@ def prepare_slide(
     spot_table_key: str = Key.SPOTS_COUNTS,
     min_spot_counts: float = 20,
 ) -> Slide:
-    """Collect one slide's bags: spots with at least one nucleus and ``min_spot_counts`` counts."""
+    """Collect one slide's bags: the spots with at least one nucleus and ``min_spot_counts`` counts.
+
+    The first step of :func:`scellst.tl.train`, public for benchmarks that prepare slides once and fit many models
+    with :func:`scellst.tl.fit_slides`.
+
+    Parameters
+    ----------
+    sdata
+        A SpatialData object with assigned nuclei (:func:`scellst.pp.assign_cells`), a cell embedding table and spot
+        counts.
+    name
+        A label for logs.
+    shapes_key, table_key, spots_key, spot_table_key
+        The nucleus shapes, the cell embedding table (default ``f"{shapes_key}_embeddings"``), the spot shapes and
+        the spot count table.
+    min_spot_counts
+        Spots with fewer counts are left out.
+
+    Returns
+    -------
+    The :class:`scellst.tl.Slide`.
+    """
     emb_key = embedding_table_key(sdata, shapes_key, table_key)
     spot_table_key = get_key(sdata, "tables", spot_table_key, what="spot count table")
     spots_key = get_key(sdata, "shapes", spots_key, what="spot shapes")
@@ -363,7 +409,26 @@ def validation_mask(data: TrainingData, fraction: float, rng: np.random.Generato
 # --------------------------------------------------------------------------------------------------------------------
 @dataclass
 class FitSettings:
-    """Optimisation settings shared by the members of an ensemble."""
+    """Optimisation settings shared by the members of an ensemble (:func:`scellst.tl.fit_slides`).
+
+    Attributes
+    ----------
+    lr, weight_decay
+        AdamW learning rate and weight decay.
+    batch_size
+        Spots per step.
+    max_epochs, patience, min_delta
+        Early stopping: at most ``max_epochs``, stop after ``patience`` epochs without an improvement of the
+        validation loss by ``min_delta``.
+    device
+        ``"cpu"`` or ``"cuda"``.
+    checkpoint_every
+        Epochs between checkpoints (when a checkpoint folder is given).
+    show_progress_bar
+        Show a progress bar per member.
+    n_jobs
+        Members trained at once.
+    """
 
     lr: float = 1e-4
     weight_decay: float = 1e-4
@@ -728,7 +793,30 @@ def fit_slides(
     resume: bool = False,
     extra_params: dict[str, Any] | None = None,
 ) -> ScellstModel:
-    """Fit a (possibly ensembled) model of the registry on prepared slides (see :func:`train`)."""
+    """Fit a model of the registry (an ensemble by default) on slides made by :func:`scellst.tl.prepare_slide`.
+
+    The training step of :func:`scellst.tl.train` without its input checks and gene selection, public for
+    benchmarks that prepare slides once and fit many models.
+
+    Parameters
+    ----------
+    slides
+        Prepared slides, embedded the same way.
+    genes
+        The genes to learn (e.g. from :func:`scellst.pp.select_genes`).
+    model, model_params, reference, groupby, loss, nb_parametrization, hidden, dropout, n_models, val_fraction
+        As in :func:`scellst.tl.train`.
+    embedding_scaling, seed, checkpoint_dir, resume
+        As in :func:`scellst.tl.train`.
+    settings
+        The optimisation settings (default :class:`scellst.tl.FitSettings`).
+    extra_params
+        Recorded in ``model.params``.
+
+    Returns
+    -------
+    The fitted :class:`scellst.models.ScellstModel`.
+    """
     from .. import __version__
     from ..models import MILConfig, ScellstModel
     from ._models import cpnn_setup, default_n_models, fit_miso_teachers, model_options
