@@ -55,6 +55,11 @@ def registered():
         ),
         overwrite=True,
     )
+    yield
+    from scellst.models._registry import _REGISTRY
+
+    for name in ("third_party_test", "third_party_prepared"):
+        _REGISTRY.pop(name, None)  # other test files see only the built-in models
 
 
 def test_a_registered_model_trains_saves_loads_and_predicts(processed, tmp_path):
@@ -83,3 +88,36 @@ def test_a_registered_model_trains_saves_loads_and_predicts(processed, tmp_path)
 def test_unknown_options_of_a_registered_model_are_refused(processed):
     with pytest.raises(ValueError, match=r"Unknown option\(s\) \['depth'\] for model 'third_party_test'"):
         scellst.tl.train(processed, model="third_party_test", model_params={"depth": 3}, max_epochs=1)
+
+
+def test_declared_steps_and_losses_are_followed(processed):
+    """A model's own set-up step (``prepare``) runs on the training data, and its declared losses are enforced."""
+    from dataclasses import replace
+
+    seen = {}
+
+    def prepare(config, data, *, genes, reference, groupby, opts):
+        seen.update(genes=list(genes), n_spots=len(data.bags), reference=reference, opts=dict(opts))
+        return replace(config, options={**config.options, "width": 4}), {}
+
+    register_model(
+        ModelSpec(
+            "third_party_prepared",
+            lambda: TwoLayerWithSpot,
+            defaults={"width": 16, "n_models": 1},
+            options=("width",),
+            needs_context=True,
+            losses=("mse", "poisson"),
+            prepare=prepare,
+            target="a custom target",
+        ),
+        overwrite=True,
+    )
+    with pytest.raises(ValueError, match="trains with the loss 'mse' or 'poisson' only"):
+        scellst.tl.train(processed, model="third_party_prepared", loss="nb", max_epochs=1, show_progress_bar=False)
+    model = scellst.tl.train(processed, model="third_party_prepared", max_epochs=2, show_progress_bar=False)
+    assert seen["genes"] == model.genes
+    assert seen["n_spots"] == model.params["n_train_spots"] + model.params["n_val_spots"]
+    assert seen["opts"]["width"] == 16
+    assert model.networks[0].width == 4  # the config returned by `prepare` is the one trained
+    assert model.params["target"] == "a custom target"

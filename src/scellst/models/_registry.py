@@ -41,6 +41,21 @@ class ModelSpec:
         The model sees the spot context: ``t`` then holds ``spot_x`` (mean cell features of each spot), ``nb_x``
         (mean over its ``k_neighbors`` nearest spots, default 7) and ``nbr`` (their indices), and ``forward`` gets
         the cell's spot context at prediction.
+    architecture
+        The registered name of the per-cell network, when it is not the model's own (MISO's student is the sCellST
+        MLP).
+    losses
+        The losses the model trains with (``None``: any of :data:`scellst.models.LOSSES`).
+    prepare
+        A set-up step from the training data, called as ``prepare(config, data, genes=, reference=, groupby=,
+        opts=)`` and returning ``(config, init)``: the config to train (e.g. with the options learned from a
+        reference) and initial values passed to the network (CPNN's prototypes). A callable or ``"module:function"``.
+    teacher
+        A distillation step, called as ``teacher(config, data, members_fn=, opts=, settings=)`` and returning
+        ``(extras, data)``: what to store with the model and the training data of the per-cell student (its targets
+        replaced by the teacher's predictions; MISO). A callable or ``"module:function"``.
+    target
+        What the per-cell network is fitted to, recorded in ``model.params["target"]`` (default: the loss's targets).
     """
 
     name: str
@@ -50,10 +65,25 @@ class ModelSpec:
     options: tuple[str, ...] = ()
     needs_reference: bool = False
     needs_context: bool = False
+    architecture: str | None = None
+    losses: tuple[str, ...] | None = None
+    prepare: Callable[..., Any] | str | None = field(default=None, repr=False)
+    teacher: Callable[..., Any] | str | None = field(default=None, repr=False)
+    target: str | None = None
 
     def accepted_options(self) -> set[str]:
         """Option names that ``model_params`` may set."""
         return (set(self.options) | set(self.defaults)) - {"n_models", "lr"}
+
+    def hook(self, name: str) -> Callable[..., Any] | None:
+        """The ``prepare`` or ``teacher`` step as a callable (a ``"module:function"`` string is imported now)."""
+        value = getattr(self, name)
+        if value is None or callable(value):
+            return value
+        import importlib
+
+        module, _, function = str(value).partition(":")
+        return getattr(importlib.import_module(module), function)
 
 
 def _net(name: str) -> Callable[[], type]:
@@ -103,6 +133,7 @@ register_model(
         defaults={"lr": 1e-3, "mixing": "rates"},
         options=("layer", "mixing"),
         needs_reference=True,
+        prepare="scellst.tl._models:cpnn_setup",
     )
 )
 register_model(
@@ -122,6 +153,10 @@ register_model(
         "MISO: spot attention over the k nearest spots (per-slide cosine loss), distilled into a per-cell student",
         defaults={"k_neighbors": 36, "n_heads": 4, "teacher_lr": 1e-3, "teacher_patience": 100},
         options=("k_neighbors", "n_heads", "teacher_lr", "teacher_patience"),
+        architecture="scellst",
+        losses=("mse",),
+        teacher="scellst.tl._models:fit_miso_teachers",
+        target="the MISO teacher's calibrated spot predictions (log1p(counts per 1e4) / robust scale)",
     )
 )
 register_model(

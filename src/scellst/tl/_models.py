@@ -129,7 +129,7 @@ def type_prototypes(
     return types, log_proto.astype(np.float32), rate_proto.astype(np.float32)
 
 
-def cpnn_setup(config: MILConfig, reference, groupby, genes, data, opts) -> tuple[MILConfig, dict]:
+def cpnn_setup(config: MILConfig, data, *, genes, reference, groupby, opts) -> tuple[MILConfig, dict]:
     """Config and initial values of a CPNN model (prototypes in the units of the loss's targets).
 
     When types are mixed as rates, each gene's gain starts at the ratio of the spots' mean rate to the types' mean

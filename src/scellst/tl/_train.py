@@ -772,6 +772,16 @@ def _run_members(one, n_models: int, n_jobs: int) -> list:
         return [f.result() for f in futures]
 
 
+def _model_spec(model: str, loss: str):
+    """The registered model, checked to train with ``loss``."""
+    from ..models._registry import get_model
+
+    spec = get_model(model)
+    if spec.losses is not None and loss not in spec.losses:
+        raise ValueError(f"{model!r} trains with the loss {' or '.join(map(repr, spec.losses))} only, got {loss!r}.")
+    return spec
+
+
 def fit_slides(
     slides: Sequence[Slide],
     genes: Sequence[str],
@@ -819,7 +829,7 @@ def fit_slides(
     """
     from .. import __version__
     from ..models import MILConfig, ScellstModel
-    from ._models import cpnn_setup, default_n_models, fit_miso_teachers, model_options
+    from ._models import default_n_models, model_options
 
     settings = settings or FitSettings()
     opts = model_options(model, model_params)
@@ -833,8 +843,7 @@ def fit_slides(
         raise ValueError(f"The slides were embedded with different methods: {sorted(methods)}.")
     if n_models < 1:
         raise ValueError("`n_models` must be at least 1.")
-    if model == "miso" and loss != "mse":
-        raise ValueError("MISO's student is fitted to its teacher's predictions with MSE: use loss='mse'.")
+    spec = _model_spec(model, loss)
     data = build_training_data(slides, genes, embedding_scaling)
     gene_scale = data.slide_scale.mean(axis=0).astype(np.float32)
     config = MILConfig(
@@ -844,12 +853,13 @@ def fit_slides(
         dropout=dropout,
         loss=loss,
         nb_parametrization=nb_parametrization,
-        architecture="scellst" if model == "miso" else model,
+        architecture=spec.architecture or model,
         options={k: v for k, v in opts.items() if _plain(v)},  # the network reads its declared options here
     )
     init = None
-    if model == "cpnn":
-        config, init = cpnn_setup(config, reference, groupby, genes, data, opts)
+    prepare, teacher = spec.hook("prepare"), spec.hook("teacher")
+    if prepare is not None:
+        config, init = prepare(config, data, genes=genes, reference=reference, groupby=groupby, opts=opts)
     ckdir = Path(checkpoint_dir) if checkpoint_dir is not None else None
     if ckdir is not None:
         ckdir.mkdir(parents=True, exist_ok=True)
@@ -874,11 +884,11 @@ def fit_slides(
         )  # fmt: skip
 
     extras: dict[str, Any] = {}
-    if model == "miso":
-        extras, data = fit_miso_teachers(config, data, members_fn=members_fn, opts=opts, settings=settings)
+    if teacher is not None:
+        extras, data = teacher(config, data, members_fn=members_fn, opts=opts, settings=settings)
     members, histories, best_epochs, n_val = _fit_members(
         config, data, settings, n_models=n_models, val_fraction=val_fraction, seed=seed, ckdir=ckdir,
-        resume=resume, prefix="student_" if model == "miso" else "", init=init,
+        resume=resume, prefix="student_" if teacher is not None else "", init=init,
     )  # fmt: skip
     params = {
         "model": model,
@@ -902,9 +912,9 @@ def fit_slides(
         "median_cells_per_spot": float(np.median([len(b) for b in data.bags])),
         "target": "log1p(counts per 1e4) / per-slide robust scale" if loss in ("mse", "cosine") else "raw counts",
     }
-    if model == "miso":
-        params["target"] = "the MISO teacher's calibrated spot predictions (log1p(counts per 1e4) / robust scale)"
-    if model == "cpnn":
+    if spec.target is not None:
+        params["target"] = spec.target
+    if spec.needs_reference:
         params["reference_groupby"] = groupby
     params.update(extra_params or {})
     return ScellstModel(
@@ -1085,7 +1095,8 @@ def train(
             f"{MIN_TRAINING_SPOTS} are needed to train. Check that the spots and nuclei are in the same frame (spot "
             "positions in full-resolution pixels of the H&E), that `assign_cells` ran, and `min_spot_counts`."
         )
-    shared = reference_genes(reference) if model == "cpnn" and genes is None else None
+    needs_reference = _model_spec(model, loss).needs_reference
+    shared = reference_genes(reference) if needs_reference and genes is None else None
     selected = rank_genes(
         [s.counts if shared is None else s.counts[:, s.counts.var_names.isin(shared)] for s in slides],
         [s.spot_xy for s in slides],
