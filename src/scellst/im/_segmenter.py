@@ -223,11 +223,73 @@ def train_segmenter(
     The trained :class:`scellst.models.NucleusUNet` (also saved to ``out`` when given).
     """
     import torch
-    from tqdm.auto import tqdm
 
     from .._device import resolve_device
-    from ..models._unet import NucleusUNet, UNetConfig, build_unet, normalise_rgb, offsets_channel, use_bf16
+    from ..models._unet import NucleusUNet, build_unet, use_bf16
 
+    mpps = _check_segmenter_inputs(
+        images,
+        masks,
+        microns_per_pixel,
+        classes=classes,
+        class_names=class_names,
+        zoom=zoom,
+        blur=blur,
+        image_weights=image_weights,
+    )
+    init = None if init is None else _as_unet(init)
+    arch = _architecture(init, mpps, base_channels=base_channels, depth=depth, hv=hv, working_mpp=working_mpp, lr=lr)
+    dev = resolve_device(device)
+    bf16 = use_bf16(precision, dev.type)  # validates `precision` before any work
+    if int(n_steps) != n_steps or n_steps < 1:
+        raise ValueError(f"`n_steps` must be a positive whole number of optimisation steps, got {n_steps}.")
+    if num_workers < 0:
+        raise ValueError(f"`num_workers` is a number of processes (0: draw crops in this one), got {num_workers}.")
+    rng = np.random.default_rng(seed)
+    torch.manual_seed(seed)
+    data, held = _training_examples(images, masks, classes, mpps, arch["working_mpp"], crop_size, hv=arch["hv"])
+    config, train_classes = _unet_config(
+        data, class_names, arch, init, has_classes=classes is not None, tta=tta, precision=precision
+    )
+    net = build_unet(config)
+    if init is not None:
+        net.load_state_dict(init.state_dict)
+    net = net.to(dev, memory_format=torch.channels_last)
+    sampler = _CropSampler(
+        data,
+        _crop_probabilities(np.array([e.fg.size for e in data], dtype=float), image_weights),
+        crop_size=crop_size,
+        zoom=zoom,
+        blur=blur,
+    )
+    batches = _batches(sampler, rng, batch_size, n_steps, num_workers, seed, dev)
+    history = _optimise_unet(
+        net,
+        config,
+        batches,
+        lr=arch["lr"],
+        n_steps=n_steps,
+        bf16=bf16,
+        dev=dev,
+        train_classes=train_classes,
+        show_progress_bar=show_progress_bar,
+    )
+    state = {k: v.detach().cpu().contiguous().clone() for k, v in net.state_dict().items()}
+    model = NucleusUNet(config=config, state_dict=state, history=history)
+    if dev.type != "cpu":
+        model.to(str(dev))  # calibration (and the caller's use) on the same device
+    if calibrate:
+        _calibrate_thresholds(model, held)
+    if out is not None:
+        model.save(out)
+        logger.info(f"Saved the segmentation model to {out}")
+    return model
+
+
+def _check_segmenter_inputs(
+    images, masks, microns_per_pixel, *, classes, class_names, zoom, blur, image_weights
+) -> list[float]:
+    """Validate the training inputs before any work; the pixel size of each image."""
     if len(images) != len(masks) or not images:
         raise ValueError(f"Need as many masks as images (got {len(images)} images and {len(masks)} masks).")
     if classes is not None and len(classes) != len(images):
@@ -239,8 +301,18 @@ def train_segmenter(
         raise ValueError(
             f"`microns_per_pixel` needs one value per image (or one for all), each in (0, 5) um/px; got {mpps}."
         )
+    if zoom is not None and not (len(zoom) == 2 and 0 < zoom[0] <= zoom[1]):
+        raise ValueError(f"`zoom` must be a range (low, high) with 0 < low <= high, e.g. (0.8, 1.25); got {zoom}.")
+    if not 0 <= blur <= 1:
+        raise ValueError(f"`blur` is a probability in [0, 1], got {blur}.")
+    if image_weights is not None:
+        _crop_probabilities(np.ones(len(images)), image_weights)
+    return mpps
+
+
+def _architecture(init, mpps, *, base_channels, depth, hv, working_mpp, lr) -> dict[str, Any]:
+    """The network's width, depth, offsets head, working resolution and learning rate (those of ``init`` if given)."""
     if init is not None:
-        init = _as_unet(init)
         arch = {"base_channels": base_channels, "depth": depth, "hv": hv}
         clash = {k: v for k, v in arch.items() if v is not None and v != getattr(init.config, k)}
         if clash:
@@ -250,25 +322,19 @@ def train_segmenter(
             )
         base_channels, depth, hv = init.config.base_channels, init.config.depth, init.config.hv
         working_mpp = init.config.microns_per_pixel if working_mpp is None else working_mpp
-    base_channels = 16 if base_channels is None else int(base_channels)
-    depth = 3 if depth is None else int(depth)
-    hv = bool(hv)
-    lr = (2e-3 if init is None else 5e-4) if lr is None else float(lr)
-    working_mpp = float(np.median(mpps)) if working_mpp is None else float(working_mpp)
-    if zoom is not None and not (len(zoom) == 2 and 0 < zoom[0] <= zoom[1]):
-        raise ValueError(f"`zoom` must be a range (low, high) with 0 < low <= high, e.g. (0.8, 1.25); got {zoom}.")
-    if not 0 <= blur <= 1:
-        raise ValueError(f"`blur` is a probability in [0, 1], got {blur}.")
-    if image_weights is not None:
-        _crop_probabilities(np.ones(len(images)), image_weights)  # validates before any work
-    dev = resolve_device(device)
-    bf16 = use_bf16(precision, dev.type)  # validates `precision` before any work
-    if int(n_steps) != n_steps or n_steps < 1:
-        raise ValueError(f"`n_steps` must be a positive whole number of optimisation steps, got {n_steps}.")
-    if num_workers < 0:
-        raise ValueError(f"`num_workers` is a number of processes (0: draw crops in this one), got {num_workers}.")
-    rng = np.random.default_rng(seed)
-    torch.manual_seed(seed)
+    return {
+        "base_channels": 16 if base_channels is None else int(base_channels),
+        "depth": 3 if depth is None else int(depth),
+        "hv": bool(hv),
+        "lr": (2e-3 if init is None else 5e-4) if lr is None else float(lr),
+        "working_mpp": float(np.median(mpps)) if working_mpp is None else float(working_mpp),
+    }
+
+
+def _training_examples(images, masks, classes, mpps, working_mpp, crop_size, *, hv) -> tuple[list, list]:
+    """Images and their targets at the working resolution (padded to a crop), and the unpadded pairs to calibrate."""
+    from ..models._unet import normalise_rgb
+
     data, held = [], []
     for i, (img, mask) in enumerate(zip(images, masks, strict=True)):
         rgb = _load(img)
@@ -287,7 +353,14 @@ def train_segmenter(
             off = None if off is None else np.pad(off, ((0, 0), (0, pad), (0, pad)))
         data.append(_Example(normalise_rgb(rgb), fg, dist, cls, off))
         held.append((rgb[: lab.shape[0], : lab.shape[1]], lab))  # unpadded, to calibrate
-    n_classes = int(max(int(e.cls.max()) for e in data)) if classes is not None else 0
+    return data, held
+
+
+def _unet_config(data, class_names, arch, init, *, has_classes, tta, precision):
+    """The U-Net configuration (classes from the maps, ``class_names`` or ``init``) and whether classes are trained."""
+    from ..models._unet import UNetConfig
+
+    n_classes = int(max(int(e.cls.max()) for e in data)) if has_classes else 0
     if class_names is not None:
         if len(class_names) < n_classes:
             raise ValueError(
@@ -308,19 +381,25 @@ def train_segmenter(
         if len(names) != n_classes:
             raise ValueError(f"`init` predicts {n_classes} classes but `class_names` has {len(names)} names.")
     config = UNetConfig(
-        base_channels=base_channels,
-        depth=depth,
+        base_channels=arch["base_channels"],
+        depth=arch["depth"],
         n_classes=n_classes,
         class_names=names,
-        microns_per_pixel=working_mpp,
+        microns_per_pixel=arch["working_mpp"],
         tta=tta,
         precision=precision,
-        hv=hv,
+        hv=arch["hv"],
     )
-    net = build_unet(config)
-    if init is not None:
-        net.load_state_dict(init.state_dict)
-    net = net.to(dev, memory_format=torch.channels_last)
+    return config, train_classes
+
+
+def _optimise_unet(net, config, batches, *, lr, n_steps, bf16, dev, train_classes, show_progress_bar) -> dict:
+    """AdamW with a one-cycle schedule on foreground (BCE + Dice), distance, class and offset losses."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from ..models._unet import offsets_channel
+
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
     if n_steps >= 20:
         sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=n_steps, pct_start=0.1)
@@ -328,22 +407,9 @@ def train_segmenter(
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
     bce = torch.nn.BCEWithLogitsLoss()
     ce = torch.nn.CrossEntropyLoss(ignore_index=-1)
-
-    sampler = _CropSampler(
-        data,
-        _crop_probabilities(np.array([e.fg.size for e in data], dtype=float), image_weights),
-        crop_size=crop_size,
-        zoom=zoom,
-        blur=blur,
-    )
     history: dict[str, list[float]] = {"loss": []}
     net.train()
-    bar = tqdm(
-        _batches(sampler, rng, batch_size, n_steps, num_workers, seed, dev),
-        total=n_steps,
-        desc="train_segmenter",
-        disable=not show_progress_bar,
-    )
+    bar = tqdm(batches, total=n_steps, desc="train_segmenter", disable=not show_progress_bar)
     for batch in bar:
         x = batch["od"].to(dev, non_blocking=True).contiguous(memory_format=torch.channels_last)
         f = batch["fg"].to(dev, non_blocking=True)
@@ -355,8 +421,8 @@ def train_segmenter(
         dice = 1 - (2 * (prob * f).sum() + 1) / (prob.sum() + f.sum() + 1)
         loss = bce(out_t[:, 0], f) + dice + bce(out_t[:, 1], d)
         if train_classes:
-            loss = loss + ce(out_t[:, 2 : 2 + n_classes], batch["cls"].to(dev, non_blocking=True))
-        if hv:
+            loss = loss + ce(out_t[:, 2 : 2 + config.n_classes], batch["cls"].to(dev, non_blocking=True))
+        if config.hv:
             o = batch["offsets"].to(dev, non_blocking=True)
             loss = loss + _offset_loss(out_t[:, offsets_channel(config) :], o, f)
         opt.zero_grad()
@@ -366,16 +432,7 @@ def train_segmenter(
         history["loss"].append(float(loss.item()))
         bar.set_postfix(loss=f"{np.mean(history['loss'][-20:]):.3f}")
     bar.close()
-    state = {k: v.detach().cpu().contiguous().clone() for k, v in net.state_dict().items()}
-    model = NucleusUNet(config=config, state_dict=state, history=history)
-    if dev.type != "cpu":
-        model.to(str(dev))  # calibration (and the caller's use) on the same device
-    if calibrate:
-        _calibrate_thresholds(model, held)
-    if out is not None:
-        model.save(out)
-        logger.info(f"Saved the segmentation model to {out}")
-    return model
+    return history
 
 
 class _CropSampler:
