@@ -107,7 +107,7 @@ def train_ssl(
     import torch
 
     from ..models._encoders import CellEncoder, EncoderConfig, build_resnet
-    from ..models._ssl import AugmentConfig, augment, build_moco, lr_at, momentum_at
+    from ..models._ssl import AugmentConfig, build_moco
 
     sdatas = [sdata] if not isinstance(sdata, Sequence) else list(sdata)
     if not sdatas:
@@ -151,70 +151,44 @@ def train_ssl(
         aug = AugmentConfig(out_px=crop_px, view_fraction=1.0 / context)
         steps_per_epoch = max(n_total // batch_size, 1)
         total = epochs * steps_per_epoch
-        history: dict[str, list[float]] = {"loss": [], "seconds": []}
-        start_epoch = 0
-        if resume and ckpt.exists():
-            from ..models._io import load_payload
-
-            state = load_payload(ckpt, what="SSL checkpoint")  # plain data: no code runs on load
-            if state["n_cells"] != n_total or state["arch"] != arch:
-                raise ValueError(f"The checkpoint {str(ckpt)!r} belongs to another run (cells or architecture differ).")
-            model.load_state_dict(state["model"])
-            opt.load_state_dict(state["optimizer"])
-            history, start_epoch = state["history"], state["epoch"]
-            logger.info(f"Resumed self-supervised training from {ckpt} at epoch {start_epoch}")
+        history, start_epoch = (
+            _resume(ckpt, model, opt, n_total, arch) if resume and ckpt.exists() else ({"loss": [], "seconds": []}, 0)
+        )
         gen = torch.Generator(device=dev)
-
-        def save_checkpoint(epoch: int) -> None:
-            tmp_ck = ckpt.with_suffix(".tmp")
-            torch.save(
-                {
-                    "model": model.state_dict(),
-                    "optimizer": opt.state_dict(),
-                    "history": history,
-                    "epoch": epoch,
-                    "n_cells": n_total,
-                    "arch": arch,
-                },
-                tmp_ck,
-            )
-            tmp_ck.replace(ckpt)
-
-        from tqdm.auto import trange
-
         logger.info(
             f"MoCo v3 on {n_total:,} cells from {len(sdatas)} slide(s): {arch}, {epochs} epochs x {steps_per_epoch} "
             f"steps of {batch_size}, on {dev}"
         )
         model.train()
         epoch = start_epoch
+        run = {"n_cells": n_total, "arch": arch}
         try:
             for epoch in range(start_epoch, epochs):
                 gen.manual_seed(seed * 100_003 + epoch)
                 order = np.random.default_rng([seed, epoch]).permutation(n_total)
-                t0, losses = time.perf_counter(), []
-                bar = trange(steps_per_epoch, desc=f"SSL epoch {epoch + 1}/{epochs}", disable=not show_progress_bar)
-                for step in bar:
-                    g = epoch * steps_per_epoch + step
-                    for group in opt.param_groups:
-                        group["lr"] = lr_at(g, total, lr, warmup=steps_per_epoch)
-                    batch = order[step * batch_size : (step + 1) * batch_size]
-                    x, mean, std = _load_batch(batch, slide_of, row_of, arrays, norms, dev)
-                    v1 = (augment(x, aug, gen) - mean) / std
-                    v2 = (augment(x, aug, gen) - mean) / std
-                    loss = model(v1, v2, temperature)
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
-                    model.update_momentum(momentum_at(g, total, momentum))
-                    losses.append(float(loss.detach()))
-                    bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
+                t0 = time.perf_counter()
+                batches = [order[step * batch_size : (step + 1) * batch_size] for step in range(steps_per_epoch)]
+                losses = _moco_epoch(
+                    model,
+                    opt,
+                    batches,
+                    lambda b: _load_batch(b, slide_of, row_of, arrays, norms, dev),
+                    aug,
+                    gen,
+                    first_step=epoch * steps_per_epoch,
+                    total=total,
+                    lr=lr,
+                    momentum=momentum,
+                    temperature=temperature,
+                    desc=f"SSL epoch {epoch + 1}/{epochs}",
+                    show_progress_bar=show_progress_bar,
+                )
                 history["loss"].append(float(np.mean(losses)))
                 history["seconds"].append(time.perf_counter() - t0)
                 logger.info(f"SSL epoch {epoch + 1}: loss {history['loss'][-1]:.4f} ({history['seconds'][-1]:.0f} s)")
-                save_checkpoint(epoch + 1)
+                _save_checkpoint(ckpt, model, opt, history, epoch + 1, run)
         except KeyboardInterrupt:
-            save_checkpoint(epoch)
+            _save_checkpoint(ckpt, model, opt, history, epoch, run)
             logger.warning(f"Interrupted; checkpoint written to {ckpt}. Continue with `resume=True`.")
             raise
     finally:
@@ -233,6 +207,57 @@ def train_ssl(
     encoder.save(path)
     logger.info(f"Saved the self-supervised encoder to {path}")
     return encoder
+
+
+def _resume(ckpt: Path, model, opt, n_total: int, arch: str) -> tuple[dict, int]:
+    """Load a checkpoint of the same run into ``model`` and ``opt``; its history and the epoch to continue from."""
+    from ..models._io import load_payload
+
+    state = load_payload(ckpt, what="SSL checkpoint")  # plain data: no code runs on load
+    if state["n_cells"] != n_total or state["arch"] != arch:
+        raise ValueError(f"The checkpoint {str(ckpt)!r} belongs to another run (cells or architecture differ).")
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["optimizer"])
+    logger.info(f"Resumed self-supervised training from {ckpt} at epoch {state['epoch']}")
+    return state["history"], state["epoch"]
+
+
+def _save_checkpoint(ckpt: Path, model, opt, history: dict, epoch: int, run: dict) -> None:
+    """Write the training state atomically (a temporary file, then a rename)."""
+    import torch
+
+    tmp_ck = ckpt.with_suffix(".tmp")
+    torch.save(
+        {"model": model.state_dict(), "optimizer": opt.state_dict(), "history": history, "epoch": epoch, **run}, tmp_ck
+    )
+    tmp_ck.replace(ckpt)
+
+
+def _moco_epoch(
+    model, opt, batches, load, aug, gen, *, first_step, total, lr, momentum, temperature, desc, show_progress_bar
+) -> list[float]:
+    """One epoch of MoCo v3: two augmented views per cell, the symmetric contrastive loss, the momentum update."""
+    from tqdm.auto import tqdm
+
+    from ..models._ssl import augment, lr_at, momentum_at
+
+    losses: list[float] = []
+    bar = tqdm(batches, desc=desc, disable=not show_progress_bar)
+    for step, batch in enumerate(bar):
+        g = first_step + step
+        for group in opt.param_groups:
+            group["lr"] = lr_at(g, total, lr, warmup=len(batches))
+        x, mean, std = load(batch)
+        v1 = (augment(x, aug, gen) - mean) / std
+        v2 = (augment(x, aug, gen) - mean) / std
+        loss = model(v1, v2, temperature)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        model.update_momentum(momentum_at(g, total, momentum))
+        losses.append(float(loss.detach()))
+        bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
+    return losses
 
 
 def _subsample(sizes: list[int], max_cells: int | None, rng: np.random.Generator) -> list[np.ndarray]:
