@@ -13,7 +13,14 @@ from .._device import resolve_device
 from .._logging import logger
 from .._utils import as_list, check_writable, get_key
 from ..pp._genes import rank_genes
-from ._train import MIN_TRAINING_SPOTS, build_training_data, embedding_table_key, prepare_slide, validation_mask
+from ._train import (
+    MIN_TRAINING_SPOTS,
+    bag_tensors,
+    build_training_data,
+    embedding_table_key,
+    prepare_slide,
+    validation_mask,
+)
 
 if TYPE_CHECKING:
     from spatialdata import SpatialData
@@ -291,15 +298,9 @@ def _balanced_batches(batch_of_spot: np.ndarray, idx: np.ndarray, batch_size: in
 
 
 def _bag_tensors(data, spots: np.ndarray, x, dev):
-    """The cells of ``spots`` (features), the bag of each cell and its overlap weight (or None)."""
-    import torch
-
-    cells = np.concatenate([data.bags[i] for i in spots])
-    bag_index = np.repeat(np.arange(len(spots)), [len(data.bags[i]) for i in spots])
-    weight = None
-    if data.weights is not None:
-        weight = torch.from_numpy(np.concatenate([data.weights[i] for i in spots]).astype(np.float32)).to(dev)
-    return x[torch.from_numpy(cells).to(dev)], torch.from_numpy(bag_index).to(dev), weight
+    """The features of the cells of ``spots``, the bag of each cell and its overlap weight (or None)."""
+    cells, bag_index, weight = bag_tensors(data, spots, dev)
+    return x[cells], bag_index, weight
 
 
 def _fit_heads(

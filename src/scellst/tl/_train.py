@@ -540,79 +540,25 @@ def fit_member(
         torch.manual_seed(seed)
         net = build_network(config, output_bias=bias, output_scale=scale, **(init or {})).to(device)
     opt = torch.optim.AdamW(net.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
-    data_t = {
-        "x": torch.from_numpy(data.x).to(device),
-        "scaled": torch.from_numpy(data.scaled.astype(np.float32)).to(device),
-        "counts": torch.from_numpy(data.counts).to(device),
-        "library": torch.from_numpy(data.library).to(device),
-        "slide": torch.from_numpy(data.slide_of_spot).to(device),
-    }
-    data_t.update({k: torch.from_numpy(v).to(device) for k, v in context_arrays(config, data).items()})
+    data_t = _data_tensors(config, data, device)
     history: dict[str, list[float]] = {"train_loss": [], "val_loss": []}
     state = {"epoch": 0, "best": np.inf, "best_epoch": 0, "wait": 0, "best_state": None, "stopped": False}
-
     if checkpoint is not None and resume and checkpoint.exists():
-        from ..models._io import load_payload
-
-        ck = load_payload(checkpoint, what="training checkpoint")  # plain data: no code runs on load
-        net.load_state_dict(ck["net"])
-        opt.load_state_dict(ck["opt"])
-        history, state = ck["history"], ck["state"]
-        rng.bit_generator.state = ck["rng"]
-        torch.set_rng_state(ck["torch_rng"])
+        history, state = _load_member_checkpoint(checkpoint, net, opt, rng)
         logger.info(f"{desc}: resumed from {checkpoint} at epoch {state['epoch']}")
 
-    def _save() -> None:
-        if checkpoint is None:
-            return
-        checkpoint.parent.mkdir(parents=True, exist_ok=True)
-        tmp = checkpoint.with_suffix(".tmp")
-        torch.save(
-            {
-                "net": net.state_dict(),
-                "opt": opt.state_dict(),
-                "history": history,
-                "state": state,
-                "rng": rng.bit_generator.state,
-                "torch_rng": torch.get_rng_state(),
-            },
-            tmp,
-        )
-        tmp.replace(checkpoint)  # atomic: an interruption never leaves a half-written checkpoint
+    def save() -> None:
+        if checkpoint is not None:
+            _save_member_checkpoint(checkpoint, net, opt, history, state, rng)
 
-    def _batches(idx: np.ndarray) -> list[np.ndarray]:
-        if config.loss == "cosine":  # MISO: all spots of a slide in one batch
-            return [idx[data.slide_of_spot[idx] == s] for s in np.unique(data.slide_of_spot[idx])]
-        perm = rng.permutation(idx)
-        return [perm[i : i + settings.batch_size] for i in range(0, len(perm), settings.batch_size)]
-
-    def _cells(spot_idx: np.ndarray):
-        cells = [data.bags[i] for i in spot_idx]
-        cell_index = torch.from_numpy(np.concatenate(cells)).to(device)
-        bag_index = torch.from_numpy(np.repeat(np.arange(len(cells)), [len(c) for c in cells])).to(device)
-        if data.weights is None:
-            return cell_index, bag_index, None
-        weight = torch.from_numpy(np.concatenate([data.weights[i] for i in spot_idx]).astype(np.float32)).to(device)
-        return cell_index, bag_index, weight
-
-    val_cells = _cells(val_idx) if len(val_idx) else None
+    val_cells = bag_tensors(data, val_idx, device) if len(val_idx) else None
     bar = tqdm(total=settings.max_epochs, initial=state["epoch"], desc=desc, disable=not settings.show_progress_bar)
     try:
         while state["epoch"] < settings.max_epochs and not state["stopped"]:
             if cancel is not None and cancel.is_set():
                 raise KeyboardInterrupt
-            net.train()
-            total, n = 0.0, 0
-            for batch in _batches(train_idx):
-                if len(batch) == 0:
-                    continue
-                opt.zero_grad()
-                loss = _loss_fn(config, net, data_t, batch, *_cells(batch))
-                loss.backward()
-                opt.step()
-                total += loss.item() * len(batch)
-                n += len(batch)
-            history["train_loss"].append(total / max(n, 1))
+            batches = _spot_batches(config, data, train_idx, rng, settings.batch_size)
+            history["train_loss"].append(_train_epoch(net, opt, config, data_t, data, batches, device))
             if val_cells is not None:
                 net.eval()
                 with torch.no_grad():
@@ -620,38 +566,17 @@ def fit_member(
                 history["val_loss"].append(val)
             else:
                 val = history["train_loss"][-1]
-            epoch = state["epoch"]
-            if val < state["best"] - settings.min_delta * max(abs(state["best"]), 1e-8) or state["best_state"] is None:
-                state.update(best=val, best_epoch=epoch, wait=0)
-                state["best_state"] = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
-            else:
-                state["wait"] += 1
-                if val_cells is not None and state["wait"] >= settings.patience:
-                    state["stopped"] = True
-            state["epoch"] = epoch + 1
-            bar.update(1)
-            bar.set_postfix(
-                train=f"{history['train_loss'][-1]:.4f}",
-                val=f"{val:.4f}",
-                best=f"epoch {state['best_epoch'] + 1}",
-                patience=f"{state['wait']}/{settings.patience}",
-            )
-            if state["stopped"]:
-                # the bar ends full at the stopping epoch and says why, instead of an ETA up to max_epochs
-                bar.total = state["epoch"]
-                bar.set_postfix_str(
-                    f"stopped early: no gain for {settings.patience} epochs, best epoch {state['best_epoch'] + 1}"
-                )
-                bar.refresh()
+            _early_stopping(state, val, net, settings, has_validation=val_cells is not None)
+            _show_epoch(bar, state, settings, train=history["train_loss"][-1], val=val)
             if state["epoch"] % settings.checkpoint_every == 0:
-                _save()
+                save()
     except KeyboardInterrupt:
-        _save()
+        save()
         logger.warning(f"{desc}: interrupted at epoch {state['epoch']}; resume with `resume=True`.")
         raise
     finally:
         bar.close()
-    _save()
+    save()
     if not state["stopped"] and val_cells is not None:
         logger.warning(
             f"{desc}: reached max_epochs={settings.max_epochs} before the validation loss converged; "
@@ -661,6 +586,122 @@ def fit_member(
         f"{desc}: {state['epoch']} epochs, best validation loss {state['best']:.4f} at epoch {state['best_epoch'] + 1}"
     )
     return state["best_state"], history, state["best_epoch"] + 1
+
+
+def _data_tensors(config, data: TrainingData, device) -> dict:
+    """The training arrays on the device: features, targets of every loss, slides and the model's spot context."""
+    import torch
+
+    data_t = {
+        "x": torch.from_numpy(data.x).to(device),
+        "scaled": torch.from_numpy(data.scaled.astype(np.float32)).to(device),
+        "counts": torch.from_numpy(data.counts).to(device),
+        "library": torch.from_numpy(data.library).to(device),
+        "slide": torch.from_numpy(data.slide_of_spot).to(device),
+    }
+    data_t.update({k: torch.from_numpy(v).to(device) for k, v in context_arrays(config, data).items()})
+    return data_t
+
+
+def _load_member_checkpoint(checkpoint: Path, net, opt, rng: np.random.Generator) -> tuple[dict, dict]:
+    """Restore a member's weights, optimiser and random states; its history and early-stopping state."""
+    import torch
+
+    from ..models._io import load_payload
+
+    ck = load_payload(checkpoint, what="training checkpoint")  # plain data: no code runs on load
+    net.load_state_dict(ck["net"])
+    opt.load_state_dict(ck["opt"])
+    rng.bit_generator.state = ck["rng"]
+    torch.set_rng_state(ck["torch_rng"])
+    return ck["history"], ck["state"]
+
+
+def _save_member_checkpoint(checkpoint: Path, net, opt, history: dict, state: dict, rng) -> None:
+    """Write a member's training state; atomic, so an interruption never leaves a half-written checkpoint."""
+    import torch
+
+    checkpoint.parent.mkdir(parents=True, exist_ok=True)
+    tmp = checkpoint.with_suffix(".tmp")
+    torch.save(
+        {
+            "net": net.state_dict(),
+            "opt": opt.state_dict(),
+            "history": history,
+            "state": state,
+            "rng": rng.bit_generator.state,
+            "torch_rng": torch.get_rng_state(),
+        },
+        tmp,
+    )
+    tmp.replace(checkpoint)
+
+
+def _spot_batches(config, data: TrainingData, idx: np.ndarray, rng, batch_size: int) -> list[np.ndarray]:
+    """One epoch of spot batches: shuffled, or all spots of a slide at once for the per-slide cosine loss (MISO)."""
+    if config.loss == "cosine":
+        return [idx[data.slide_of_spot[idx] == s] for s in np.unique(data.slide_of_spot[idx])]
+    perm = rng.permutation(idx)
+    return [perm[i : i + batch_size] for i in range(0, len(perm), batch_size)]
+
+
+def bag_tensors(data: TrainingData, spot_idx: np.ndarray, device):
+    """The cells of some spots as tensors: their indices, the bag of each, and their overlap weights (or None)."""
+    import torch
+
+    cells = [data.bags[i] for i in spot_idx]
+    cell_index = torch.from_numpy(np.concatenate(cells)).to(device)
+    bag_index = torch.from_numpy(np.repeat(np.arange(len(cells)), [len(c) for c in cells])).to(device)
+    if data.weights is None:
+        return cell_index, bag_index, None
+    weight = torch.from_numpy(np.concatenate([data.weights[i] for i in spot_idx]).astype(np.float32)).to(device)
+    return cell_index, bag_index, weight
+
+
+def _train_epoch(net, opt, config, data_t: dict, data: TrainingData, batches: list[np.ndarray], device) -> float:
+    """One pass over the training spots; the mean loss per spot."""
+    net.train()
+    total, n = 0.0, 0
+    for batch in batches:
+        if len(batch) == 0:
+            continue
+        opt.zero_grad()
+        loss = _loss_fn(config, net, data_t, batch, *bag_tensors(data, batch, device))
+        loss.backward()
+        opt.step()
+        total += loss.item() * len(batch)
+        n += len(batch)
+    return total / max(n, 1)
+
+
+def _early_stopping(state: dict, val: float, net, settings: FitSettings, *, has_validation: bool) -> None:
+    """Keep the best weights; stop after ``patience`` epochs without a relative gain of ``min_delta``."""
+    epoch = state["epoch"]
+    if val < state["best"] - settings.min_delta * max(abs(state["best"]), 1e-8) or state["best_state"] is None:
+        state.update(best=val, best_epoch=epoch, wait=0)
+        state["best_state"] = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
+    else:
+        state["wait"] += 1
+        if has_validation and state["wait"] >= settings.patience:
+            state["stopped"] = True
+    state["epoch"] = epoch + 1
+
+
+def _show_epoch(bar, state: dict, settings: FitSettings, *, train: float, val: float) -> None:
+    bar.update(1)
+    bar.set_postfix(
+        train=f"{train:.4f}",
+        val=f"{val:.4f}",
+        best=f"epoch {state['best_epoch'] + 1}",
+        patience=f"{state['wait']}/{settings.patience}",
+    )
+    if state["stopped"]:
+        # the bar ends full at the stopping epoch and says why, instead of an ETA up to max_epochs
+        bar.total = state["epoch"]
+        bar.set_postfix_str(
+            f"stopped early: no gain for {settings.patience} epochs, best epoch {state['best_epoch'] + 1}"
+        )
+        bar.refresh()
 
 
 # --------------------------------------------------------------------------------------------------------------------
