@@ -168,7 +168,8 @@ def _perturbed_slide(section: str, name: str, target_rgb: np.ndarray):
     from _stain import blur, hed_jitter, jpeg, macenko_to, resample
 
     import scellst
-    from scellst._utils import get_microns_per_pixel, image_level0, instance_ids, shapes_centroids, to_rgb_uint8
+    from scellst._utils import instance_ids, shapes_centroids, to_rgb_uint8
+    from scellst.io import get_microns_per_pixel, image_level0
 
     store = CACHE / f"her2st_{section}_{name}.zarr"
     if store.exists():

@@ -425,8 +425,8 @@ def resolution_check() -> None:
     import xarray as xr
 
     import scellst
-    from scellst._utils import get_microns_per_pixel, image_level0
     from scellst.im._segment import NUCLEUS_SCALE_MAX_UM, nucleus_scale_um
+    from scellst.io import get_microns_per_pixel, image_level0
 
     def lazy(rgb):
         return xr.DataArray(np.moveaxis(rgb, -1, 0), dims=("c", "y", "x"))

@@ -18,7 +18,8 @@ import numpy as np
 def step_seconds(base_channels: int, depth: int, precision: str, steps: int) -> float:
     import torch
 
-    from scellst.models._unet import UNetConfig, build_unet, use_bf16
+    from scellst.models import UNetConfig, build_unet
+    from scellst.models._unet import use_bf16
 
     torch.manual_seed(0)
     net = build_unet(UNetConfig(base_channels=base_channels, depth=depth)).to(memory_format=torch.channels_last)
@@ -41,7 +42,7 @@ def step_seconds(base_channels: int, depth: int, precision: str, steps: int) -> 
 def inference_mp_per_s(base_channels: int, depth: int, precision: str) -> float:
     import torch
 
-    from scellst.models._unet import NucleusUNet, UNetConfig, build_unet
+    from scellst.models import NucleusUNet, UNetConfig, build_unet
 
     config = UNetConfig(base_channels=base_channels, depth=depth, precision=precision)
     model = NucleusUNet(config=config, state_dict=build_unet(config).state_dict())

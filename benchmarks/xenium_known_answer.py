@@ -23,7 +23,7 @@ from _common import peak_memory_gib
 
 def main() -> None:
     import scellst
-    from scellst._utils import image_level0
+    from scellst.io import image_level0
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--size-um", type=float, default=1200.0)

@@ -159,7 +159,19 @@ def get_microns_per_pixel(sdata: SpatialData, image_key: str) -> float:
 
 
 def image_level0(sdata: SpatialData, image_key: str) -> xr.DataArray:
-    """The full-resolution level of an image as a lazy ``(c, y, x)`` DataArray."""
+    """The full-resolution level of an image as a lazy ``(c, y, x)`` DataArray (nothing is read).
+
+    Parameters
+    ----------
+    sdata
+        The SpatialData object.
+    image_key
+        The image (a single-scale image or a multiscale pyramid).
+
+    Returns
+    -------
+    The level-0 array, backed by dask: read tiles of it with ``.isel(y=..., x=...)``.
+    """
     import xarray as xr
 
     img = sdata.images[image_key]

@@ -14,11 +14,10 @@ from .._logging import logger
 from .._utils import as_list, check_writable, get_key
 from ..pp._genes import rank_genes
 from ._train import (
-    MIN_TRAINING_SPOTS,
     bag_tensors,
     build_training_data,
     embedding_table_key,
-    prepare_slide,
+    prepared_slides,
     validation_mask,
 )
 
@@ -129,23 +128,17 @@ def train_contrastive(
     if temperature <= 0:
         raise ValueError("`temperature` must be positive.")
     sdatas = as_list(sdata)
-    if not sdatas:
-        raise ValueError("No SpatialData given.")
     labels = [f"slide_{i}" for i in range(len(sdatas))] if batches is None else [str(b) for b in batches]
     if len(labels) != len(sdatas):
         raise ValueError(f"`batches` has {len(labels)} labels for {len(sdatas)} SpatialData objects; give one each.")
-    slides = [
-        prepare_slide(
-            s,
-            name=f"slide_{i}",
-            shapes_key=shapes_key,
-            table_key=table_key,
-            spots_key=spots_key,
-            spot_table_key=spot_table_key,
-            min_spot_counts=min_spot_counts,
-        )
-        for i, s in enumerate(sdatas)
-    ]
+    slides = prepared_slides(
+        sdatas,
+        shapes_key=shapes_key,
+        table_key=table_key,
+        spots_key=spots_key,
+        spot_table_key=spot_table_key,
+        min_spot_counts=min_spot_counts,
+    )
     names = slides[0].feature_names
     for s in slides[1:]:
         if s.feature_names != names:
@@ -154,11 +147,6 @@ def train_contrastive(
                 "every slide with the same `scellst.im.embed_cells` settings."
             )
     n_spots = sum(len(s.bags) for s in slides)
-    if n_spots < MIN_TRAINING_SPOTS:
-        raise ValueError(
-            f"Only {n_spots} spots with nuclei and >= {min_spot_counts:g} counts; at least "
-            f"{MIN_TRAINING_SPOTS} are needed."
-        )
     selected = rank_genes(
         [s.counts for s in slides],
         [s.spot_xy for s in slides],

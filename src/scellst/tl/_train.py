@@ -920,17 +920,32 @@ def fit_slides(
 
     def members_fn(cfg, d, st, prefix):
         return _fit_members(
-            cfg, d, st, n_models=n_models, val_fraction=val_fraction, seed=seed, ckdir=ckdir, resume=resume,
+            cfg,
+            d,
+            st,
+            n_models=n_models,
+            val_fraction=val_fraction,
+            seed=seed,
+            ckdir=ckdir,
+            resume=resume,
             prefix=prefix,
-        )  # fmt: skip
+        )
 
     extras: dict[str, Any] = {}
     if teacher is not None:
         extras, data = teacher(config, data, members_fn=members_fn, opts=opts, settings=settings)
     members, histories, best_epochs, n_val = _fit_members(
-        config, data, settings, n_models=n_models, val_fraction=val_fraction, seed=seed, ckdir=ckdir,
-        resume=resume, prefix="student_" if teacher is not None else "", init=init,
-    )  # fmt: skip
+        config,
+        data,
+        settings,
+        n_models=n_models,
+        val_fraction=val_fraction,
+        seed=seed,
+        ckdir=ckdir,
+        resume=resume,
+        prefix="student_" if teacher is not None else "",
+        init=init,
+    )
     params = {
         "model": model,
         "model_params": {k: v for k, v in opts.items() if k != "layer"},
@@ -1102,48 +1117,22 @@ def train(
     The fitted :class:`scellst.models.ScellstModel` (``model.model`` names the model, ``model.history`` holds the
     loss curves of each member, ``model.params`` the settings and the filters applied).
     """
-    from ..models import LOSSES
-    from ..models._mil import EMBEDDING_SCALINGS
-    from ._models import model_options, reference_genes
-
-    model_options(model, model_params)  # fail fast on an unknown model or option
-
-    if loss not in LOSSES:
-        raise ValueError(f"Unknown loss {loss!r}; choose one of {LOSSES}.")
-    if embedding_scaling not in EMBEDDING_SCALINGS:
-        raise ValueError(f"`embedding_scaling` must be one of {EMBEDDING_SCALINGS}, got {embedding_scaling!r}.")
-    if not 0 <= val_fraction < 0.9:
-        raise ValueError("`val_fraction` must be in [0, 0.9).")
-    sdatas = as_list(sdata)
-    if not sdatas:
-        raise ValueError("No SpatialData given.")
-    slides = [
-        prepare_slide(
-            s,
-            name=f"slide_{i}",
-            shapes_key=shapes_key,
-            table_key=table_key,
-            spots_key=spots_key,
-            spot_table_key=spot_table_key,
-            min_spot_counts=min_spot_counts,
-        )
-        for i, s in enumerate(sdatas)
-    ]
-    n_spots = sum(len(s.bags) for s in slides)
-    if n_spots < MIN_TRAINING_SPOTS:
-        raise ValueError(
-            f"Only {n_spots} spot(s) with nuclei and >= {min_spot_counts:g} counts over {len(slides)} slide(s); at least "
-            f"{MIN_TRAINING_SPOTS} are needed to train. Check that the spots and nuclei are in the same frame (spot "
-            "positions in full-resolution pixels of the H&E), that `assign_cells` ran, and `min_spot_counts`."
-        )
-    needs_reference = _model_spec(model, loss).needs_reference
-    shared = reference_genes(reference) if needs_reference and genes is None else None
-    selected = rank_genes(
-        [s.counts if shared is None else s.counts[:, s.counts.var_names.isin(shared)] for s in slides],
-        [s.spot_xy for s in slides],
-        flavor=list(genes) if genes is not None else flavor,
-        n_genes=n_top_genes,
-        min_counts=min_gene_counts,
+    spec = _check_train_arguments(model, model_params, loss, embedding_scaling, val_fraction)
+    slides = prepared_slides(
+        sdata,
+        shapes_key=shapes_key,
+        table_key=table_key,
+        spots_key=spots_key,
+        spot_table_key=spot_table_key,
+        min_spot_counts=min_spot_counts,
+    )
+    selected = _training_genes(
+        slides,
+        reference if spec.needs_reference else None,
+        genes=genes,
+        flavor=flavor,
+        n_top_genes=n_top_genes,
+        min_gene_counts=min_gene_counts,
         min_spot_fraction=min_spot_fraction,
         exclude_mt=exclude_mt,
     )
@@ -1184,6 +1173,67 @@ def train(
         checkpoint_dir=checkpoint_dir,
         resume=resume,
         extra_params=filters,
+    )
+
+
+def _check_train_arguments(model: str, model_params, loss: str, embedding_scaling: str, val_fraction: float):
+    """Fail fast on an unknown model, option, loss or scaling, before any data is read; the model's declaration."""
+    from ..models import LOSSES
+    from ..models._mil import EMBEDDING_SCALINGS
+    from ._models import model_options
+
+    model_options(model, model_params)
+    if loss not in LOSSES:
+        raise ValueError(f"Unknown loss {loss!r}; choose one of {LOSSES}.")
+    if embedding_scaling not in EMBEDDING_SCALINGS:
+        raise ValueError(f"`embedding_scaling` must be one of {EMBEDDING_SCALINGS}, got {embedding_scaling!r}.")
+    if not 0 <= val_fraction < 0.9:
+        raise ValueError("`val_fraction` must be in [0, 0.9).")
+    return _model_spec(model, loss)
+
+
+def prepared_slides(sdata, *, shapes_key, table_key, spots_key, spot_table_key, min_spot_counts) -> list[Slide]:
+    """:func:`prepare_slide` on every SpatialData, with a clear error when too few spots can train."""
+    sdatas = as_list(sdata)
+    if not sdatas:
+        raise ValueError("No SpatialData given.")
+    slides = [
+        prepare_slide(
+            s,
+            name=f"slide_{i}",
+            shapes_key=shapes_key,
+            table_key=table_key,
+            spots_key=spots_key,
+            spot_table_key=spot_table_key,
+            min_spot_counts=min_spot_counts,
+        )
+        for i, s in enumerate(sdatas)
+    ]
+    n_spots = sum(len(s.bags) for s in slides)
+    if n_spots < MIN_TRAINING_SPOTS:
+        raise ValueError(
+            f"Only {n_spots} spot(s) with nuclei and >= {min_spot_counts:g} counts over {len(slides)} slide(s); at least "
+            f"{MIN_TRAINING_SPOTS} are needed to train. Check that the spots and nuclei are in the same frame (spot "
+            "positions in full-resolution pixels of the H&E), that `assign_cells` ran, and `min_spot_counts`."
+        )
+    return slides
+
+
+def _training_genes(
+    slides, reference, *, genes, flavor, n_top_genes, min_gene_counts, min_spot_fraction, exclude_mt
+) -> list[str]:
+    """The genes to learn: the user's list, or the top genes of ``flavor`` (among a reference's genes when given)."""
+    from ._models import reference_genes
+
+    shared = reference_genes(reference) if genes is None else None
+    return rank_genes(
+        [s.counts if shared is None else s.counts[:, s.counts.var_names.isin(shared)] for s in slides],
+        [s.spot_xy for s in slides],
+        flavor=list(genes) if genes is not None else flavor,
+        n_genes=n_top_genes,
+        min_counts=min_gene_counts,
+        min_spot_fraction=min_spot_fraction,
+        exclude_mt=exclude_mt,
     )
 
 
