@@ -3,6 +3,7 @@
 Usage (from the repository root, with ../shared/data present):
 
     python benchmarks/contrastive.py [--parts prepare classify pearson] [--sections C2 C3 C4 C5] [--seed 0]
+        [--folds C4 C5]
 
 - ``prepare``: segments and embeds the four sections (cached, see ``_common.her2st_section``), then adds two more
   cell embeddings of the nuclei inside spots to each cached store: ImageNet EfficientNet-Lite0 (``efficientnet``) and
@@ -140,14 +141,14 @@ def silhouettes(xs: list[np.ndarray], ys: list[np.ndarray]) -> tuple[float, floa
     return float(silhouette_score(x, section)), float(silhouette_score(x, np.concatenate(ys)))
 
 
-def run_folds(slides: dict, parts: list[str], seed: int) -> pd.DataFrame:
+def run_folds(slides: dict, parts: list[str], seed: int, folds: list[str] | None = None) -> pd.DataFrame:
     """Per held-out section: contrastive models on the three others, then classification and/or MIL Pearson."""
     import scellst
 
     labels = {s: clusters(s) for s in slides}
     views = {s: light(sd) for s, sd in slides.items()}
     rows = []
-    for test in slides:
+    for test in folds or list(slides):
         train = [s for s in slides if s != test]
         keys = dict(FIXED)
         for label, agnostic in CONTRASTIVE.items():
@@ -234,14 +235,15 @@ def main() -> None:
     parser.add_argument("--parts", nargs="+", default=["prepare", "classify", "pearson"])
     parser.add_argument("--sections", nargs="+", default=list(SECTIONS))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--folds", nargs="+", default=None, help="held-out sections to run (default: every section)")
     args = parser.parse_args()
     t0 = time.perf_counter()
     slides = prepare(args.sections)
     print(f"prepared in {time.perf_counter() - t0:.0f} s; peak memory {peak_memory_gib():.2f} GiB", flush=True)
-    folds = [p for p in args.parts if p in ("classify", "pearson")]
-    if folds:
+    fold_parts = [p for p in args.parts if p in ("classify", "pearson")]
+    if fold_parts:
         t0 = time.perf_counter()
-        df = run_folds(slides, folds, args.seed)
+        df = run_folds(slides, fold_parts, args.seed, args.folds)
         report(df)
         print(f"\nfolds in {time.perf_counter() - t0:.0f} s; peak memory {peak_memory_gib():.2f} GiB")
 
