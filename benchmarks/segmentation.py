@@ -425,7 +425,8 @@ def resolution_check() -> None:
     import xarray as xr
 
     import scellst
-    from scellst.im._segment import NUCLEUS_SCALE_MAX_UM, nucleus_scale_um
+    from scellst.im import nucleus_scale_um
+    from scellst.im._segment import NUCLEUS_SCALE_MAX_UM
     from scellst.io import get_microns_per_pixel, image_level0
 
     def lazy(rgb):

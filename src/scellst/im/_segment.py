@@ -138,6 +138,22 @@ def nucleus_scale_um(arr, *, microns_per_pixel: float, n_patches: int = 8, seed:
     strongest responses (top 1 % of the tissue pixels, mean over patches) are highest is the blob scale (about the
     nucleus radius / 1.4). It does not depend on any segmentation, so it shows a wrong microns per pixel that makes
     the segmenter split nuclei into pieces of normal size. ``None`` when there is too little tissue to tell.
+    :func:`scellst.im.segment_nuclei` warns when it is above ``NUCLEUS_SCALE_MAX_UM`` (3 um).
+
+    Parameters
+    ----------
+    arr
+        The image, e.g. :func:`scellst.io.image_level0` (read patch by patch).
+    microns_per_pixel
+        The stated pixel size.
+    n_patches
+        Tissue patches to measure.
+    seed
+        Seed of the patch choice.
+
+    Returns
+    -------
+    The blob scale in microns, or ``None``.
     """
     from scipy import ndimage as ndi
 
