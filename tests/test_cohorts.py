@@ -134,3 +134,22 @@ def test_an_interrupted_command_resumes_to_the_same_result(cohort, tmp_path, sig
     for name in ("s1", "s2"):
         _assert_same_store(out / f"{name}.zarr", cohort["ref"] / f"{name}.zarr")
     assert not list(out.glob(".*")), f"leftovers: {list(out.glob('.*'))}"
+
+
+def test_ctrl_c_is_never_lost():
+    """A KeyboardInterrupt swallowed by some code (a finaliser, a library) still stops the run at the next step."""
+    import time
+
+    from scellst.tl._pipeline import _ctrl_c
+
+    before = signal.getsignal(signal.SIGINT)
+    with _ctrl_c() as stop_if_interrupted:
+        stop_if_interrupted()  # nothing happened yet
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.5)
+        except KeyboardInterrupt:
+            pass  # lost, as inside a finaliser
+        with pytest.raises(KeyboardInterrupt):
+            stop_if_interrupted()
+    assert signal.getsignal(signal.SIGINT) is before

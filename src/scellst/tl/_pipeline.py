@@ -6,6 +6,7 @@ import re
 import shutil
 import time
 from collections.abc import Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -456,7 +457,7 @@ def run_predict(
     out.mkdir(parents=True, exist_ok=True)
     radii = context_radii(model.feature_names)
     runs = []
-    with dask_client(n_workers, scheduler=scheduler, memory_limit=memory_limit):
+    with dask_client(n_workers, scheduler=scheduler, memory_limit=memory_limit), _ctrl_c() as stop_if_interrupted:
         for i, (name, path, marker) in enumerate(zip(names, paths, markers, strict=True)):
             target = out / f"{name}.zarr"
             if name in done:
@@ -477,11 +478,13 @@ def run_predict(
                 overwrite=True,  # only ever the leftovers of an interrupted run, in the run's own partial store
                 show_progress_bar=show_progress_bar,
             )
+            stop_if_interrupted()
             key = f"{Key.NUCLEI}{Key.EXPRESSION_SUFFIX}"
             predict(sdata, model, overwrite=True)
             steps.append("predict")
             run = SlideRun(name=name, source=str(path), steps=steps, n_cells=int(sdata.tables[key].n_obs))
             run.exports = export_cells(sdata, out, name, export, key) if export else []
+            stop_if_interrupted()  # a slide is finished only by a run that was not interrupted
             _finish(out, name, overwrite=overwrite)
             run.store = str(target)
             run.seconds = time.perf_counter() - t0
@@ -490,6 +493,41 @@ def run_predict(
                 f"[{i + 1}/{len(paths)}] {name}: {run.n_cells:,} cells predicted in {run.seconds:.0f} s -> {target}"
             )
     return runs
+
+
+@contextmanager
+def _ctrl_c():
+    """Ctrl-C always stops the run, even when the ``KeyboardInterrupt`` it raises is lost.
+
+    Python raises ``KeyboardInterrupt`` wherever the main thread is; when that is inside code that swallows exceptions
+    (a finaliser, a library's error handling), the run would go on and finish. The handler also records the signal,
+    and the pipeline checks the record between steps and before a slide is marked finished.
+    """
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: None
+        return
+    previous = signal.getsignal(signal.SIGINT)
+    if previous is signal.SIG_IGN:
+        yield lambda: None
+        return
+    hit = threading.Event()
+
+    def handler(signum, frame):
+        hit.set()
+        raise KeyboardInterrupt
+
+    def stop_if_interrupted() -> None:
+        if hit.is_set():
+            raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, handler)
+    try:
+        yield stop_if_interrupted
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _run_marker(model_sha: str, path: Path, image: Any, mpp: float | None, encoder: Any) -> dict[str, Any]:
