@@ -67,7 +67,7 @@ class Slide:
     feature_names
         Names of the features.
     embedding_method
-        The ``tl.embed_cells`` method that made the features.
+        The ``im.embed_cells`` method that made the features.
     weights
         For each kept spot, its cells' overlap weights (``None``: plain means, cells assigned by centroid).
     """
