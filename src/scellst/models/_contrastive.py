@@ -175,10 +175,6 @@ class ContrastiveModel:
 
     def save(self, path: str | Path) -> Path:
         """Write the model (weights and plain settings, no pickled code); reload with :meth:`load`."""
-        import torch
-
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         payload = {
             "kind": CONTRASTIVE_KIND,
             "format": CONTRASTIVE_FORMAT,
@@ -193,10 +189,9 @@ class ContrastiveModel:
             "history": {k: [float(v) for v in vals] for k, vals in self.history.items()},
             "params": _plain(self.params),
         }
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        torch.save(payload, tmp)
-        tmp.replace(path)
-        return path
+        from ._io import save_payload
+
+        return save_payload(payload, path)
 
     @classmethod
     def load(cls, path: str | Path) -> ContrastiveModel:

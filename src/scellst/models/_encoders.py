@@ -180,15 +180,11 @@ class CellEncoder:
 
     def save(self, path: str | Path) -> Path:
         """Write the encoder (weights and conventions, no pickled code) to ``path``; reload with :meth:`load`."""
-        import torch
-
         if self.config.source not in ("ssl", "random", "weights"):
             raise ValueError(
                 f"An encoder built from a {self.config.source!r} cannot be saved as a scellst encoder file; "
                 "keep the original module or weights file."
             )
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         payload = {
             "kind": ENCODER_KIND,
             "format": ENCODER_FORMAT,
@@ -196,10 +192,9 @@ class CellEncoder:
             "state_dict": self.module.state_dict(),
             "history": {k: [float(v) for v in vals] for k, vals in self.history.items()},
         }
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        torch.save(payload, tmp)
-        tmp.replace(path)
-        return path
+        from ._io import save_payload
+
+        return save_payload(payload, path)
 
     @classmethod
     def load(cls, path: str | Path) -> CellEncoder:

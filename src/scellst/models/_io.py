@@ -19,3 +19,15 @@ def load_payload(path: str | Path, *, what: str) -> dict:
     if not isinstance(payload, dict):
         raise ValueError(f"{str(path)!r} is not a {what}.")
     return payload
+
+
+def save_payload(payload: dict, path: str | Path) -> Path:
+    """Write a model file with ``torch.save`` atomically: a temporary file, then a rename (never half-written)."""
+    import torch
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(payload, tmp)
+    tmp.replace(path)
+    return path
