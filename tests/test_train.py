@@ -167,3 +167,23 @@ def test_parallel_members_stop_together():
     with pytest.raises(ValueError, match="member 1 failed"):
         _run_members(one, 3, 2)
     assert sorted(stopped) == [0, 2]
+
+
+def test_patience_counts_steps_on_large_data(processed):
+    """The default patience is 30 epochs on small data, and about 8,000 steps (at least 10 epochs) on large data."""
+    resolve = scellst.tl.resolve_patience
+    assert resolve(None, 1_500, 8) == 30  # HER2ST-size training sets keep the paper's rule
+    assert resolve(None, 3_794, 8) == 17  # a whole Visium slide (4,464 spots, 15 % held out): 475 steps per epoch
+    assert resolve(None, 1_000_000, 8) == 10
+    assert resolve(None, 100_000, 256) == 21
+    assert resolve(None, 1_000_000, 8, loss="cosine") == 30  # one step per slide
+    assert resolve(12, 1_000_000, 8) == 12
+    with pytest.raises(ValueError, match="patience"):
+        resolve(0, 100, 8)
+    sdata = fresh_copy(processed)
+    model = scellst.tl.train(sdata, n_models=1, lr=1e-3, patience=3, max_epochs=300, show_progress_bar=False)
+    assert model.params["patience"] == 3
+    # training stopped exactly 3 epochs after its best one (not at the cap)
+    assert len(model.history[0]["val_loss"]) == model.params["best_epoch"] + 3 < 300
+    default = scellst.tl.train(sdata, n_models=1, lr=1e-3, max_epochs=2, show_progress_bar=False)
+    assert default.params["patience"] == 30

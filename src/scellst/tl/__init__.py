@@ -6,7 +6,7 @@ from ._celltypes import compare_cell_types, marker_genes, score_cell_types
 from ._contrastive import embed_contrastive, train_contrastive
 from ._pipeline import SlideRun, prepare_cells, run_predict, run_train
 from ._spots import spot_embeddings
-from ._train import FitSettings, Slide, fit_slides, load_model, predict, prepare_slide, train
+from ._train import FitSettings, Slide, fit_slides, load_model, predict, prepare_slide, resolve_patience, train
 
 __all__ = [
     "FitSettings",
@@ -20,6 +20,7 @@ __all__ = [
     "predict",
     "prepare_cells",
     "prepare_slide",
+    "resolve_patience",
     "run_predict",
     "run_train",
     "score_cell_types",

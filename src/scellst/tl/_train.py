@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -419,7 +419,8 @@ class FitSettings:
         Spots per step.
     max_epochs, patience, min_delta
         Early stopping: at most ``max_epochs``, stop after ``patience`` epochs without an improvement of the
-        validation loss by ``min_delta``.
+        validation loss by ``min_delta``. ``patience=None``: chosen from the number of steps per epoch (see
+        :func:`resolve_patience`).
     device
         ``"cpu"`` or ``"cuda"``.
     checkpoint_every
@@ -434,12 +435,37 @@ class FitSettings:
     weight_decay: float = 1e-4
     batch_size: int = 8
     max_epochs: int = 1000
-    patience: int = 30
+    patience: int | None = None
     min_delta: float = 1e-4
     device: str = "cpu"
     checkpoint_every: int = 10
     show_progress_bar: bool = True
     n_jobs: int = 1
+
+
+PATIENCE_EPOCHS = 30  # the default patience, in epochs
+PATIENCE_STEPS = 8000  # ... capped at about this many optimisation steps without a gain
+MIN_PATIENCE = 10  # ... but never fewer epochs than this
+
+
+def resolve_patience(patience: int | None, n_train_spots: int, batch_size: int, loss: str = "mse") -> int:
+    """Epochs without a validation gain before training stops: ``patience``, or by default 30, fewer on large data.
+
+    On a slide of a few hundred spots an epoch is a few dozen optimisation steps, and 30 epochs without a gain are a
+    few thousand steps. On a whole Visium slide or a cohort an epoch is hundreds of steps, and 30 epochs would wait
+    ten times longer for the same learning rate. The default therefore waits 30 epochs or about
+    ``PATIENCE_STEPS`` (8,000) steps, whichever is fewer, and never fewer than 10 epochs. Up to about 2,100 training
+    spots per epoch (batches of 8) this is 30 epochs, as before. The per-slide cosine loss takes one step per slide:
+    30 epochs.
+    """
+    if patience is not None:
+        if int(patience) < 1:
+            raise ValueError(f"`patience` must be at least 1 epoch, got {patience}.")
+        return int(patience)
+    if loss == "cosine":
+        return PATIENCE_EPOCHS
+    steps = max(1, -(-int(n_train_spots) // max(int(batch_size), 1)))
+    return int(max(MIN_PATIENCE, min(PATIENCE_EPOCHS, -(-PATIENCE_STEPS // steps))))
 
 
 SMALL_BAG_CELLS = 4  # spots with at most this many cells (median) train with SMALL_BAG_BATCH spots per step
@@ -886,6 +912,17 @@ def fit_slides(
         raise ValueError("`n_models` must be at least 1.")
     spec = _model_spec(model, loss)
     data = build_training_data(slides, genes, embedding_scaling)
+    if settings.patience is None:
+        n_train = int(round(len(data.bags) * (1 - val_fraction)))
+        settings = replace(settings, patience=resolve_patience(None, n_train, settings.batch_size, loss))
+        if settings.patience < PATIENCE_EPOCHS:
+            logger.info(
+                f"{n_train:,} training spots ({-(-n_train // settings.batch_size):,} steps per epoch): early stopping "
+                f"after {settings.patience} epochs without a gain instead of {PATIENCE_EPOCHS} (set `patience` to "
+                "choose)."
+            )
+    else:
+        resolve_patience(settings.patience, 0, 1)  # checks the value
     gene_scale = data.slide_scale.mean(axis=0).astype(np.float32)
     config = MILConfig(
         n_features=len(feature_names),
@@ -1018,7 +1055,7 @@ def train(
     weight_decay: float = 1e-4,
     batch_size: int | None = None,
     max_epochs: int = 1000,
-    patience: int = 30,
+    patience: int | None = None,
     val_fraction: float = 0.15,
     embedding_scaling: Literal["quantile", "slide", "global"] = DEFAULT_SCALING,
     seed: int = 0,
@@ -1087,7 +1124,9 @@ def train(
         (the paper's), or 256 when the median spot holds at most four cells (Visium HD bins, cells made of bins; with
         overlap bags, the cells' shares are summed), where batches of 8 would carry too few cells.
     max_epochs, patience
-        Safety cap on epochs, and epochs without a validation improvement before stopping.
+        Safety cap on epochs, and epochs without a validation improvement before stopping. ``patience=None``: 30
+        epochs, or fewer on large data so that training waits about 8,000 optimisation steps (at least 10 epochs;
+        see :func:`scellst.tl.resolve_patience`). Up to about 2,100 training spots this is 30 epochs.
     val_fraction
         Fraction of each slide's spots held out for validation, as spatial blocks (``0`` disables early stopping).
     embedding_scaling
