@@ -133,8 +133,10 @@ def _region_features(labels: np.ndarray, intensity: np.ndarray, *, shape: bool) 
     """The ``regionprops`` features of every label at once (with ``bincount``), in ``regionprops_table`` columns.
 
     Columns: ``area``, ``perimeter``, ``axis_major_length``, ``axis_minor_length``, ``eccentricity``, ``solidity``,
-    ``extent``, ``intensity_mean-{c}`` and ``intensity_max-0``. The values are those of :func:`skimage.measure.regionprops_table` (up to float rounding); only the convex
-    hull behind ``solidity`` is computed per label. ``shape=False``: area and intensities only (rings).
+    ``extent``, ``intensity_mean-{c}`` and ``intensity_max-0``. The values are those of
+    :func:`skimage.measure.regionprops_table` (up to float rounding); only the convex hull behind ``solidity`` is
+    computed per label. ``shape=False``: area and intensities only (rings). ``intensity`` is an ``(h, w, c)`` image
+    or the ``(n, c)`` values at the ``n`` labelled pixels only, in raster order (``image[labels > 0]``).
     """
     from scipy import ndimage as ndi
     from skimage.morphology import convex_hull_image
@@ -148,8 +150,9 @@ def _region_features(labels: np.ndarray, intensity: np.ndarray, *, shape: bool) 
     present = present[present > 0]
     a = area[present]
     out = {"area": a}
-    values = intensity.reshape(-1, intensity.shape[-1])[fg]
-    for c in range(intensity.shape[-1]):
+    # a whole image of intensities, or only their values at the labelled pixels (in raster order)
+    values = intensity.reshape(-1, intensity.shape[-1])[fg] if intensity.ndim == 3 else intensity
+    for c in range(values.shape[-1]):
         out[f"intensity_mean-{c}"] = np.bincount(idx, weights=values[:, c], minlength=n)[present] / a
     if shape:
         peak = np.full(n, -np.inf)
@@ -185,6 +188,25 @@ def _std(df: pd.DataFrame, channel: int, squared_channel: int) -> pd.Series:
     return np.sqrt((df[f"intensity_mean-{squared_channel}"] - mean**2).clip(lower=0))
 
 
+def _pixel_channels(rgb: np.ndarray, gray: np.ndarray, grad: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """The intensity channels of the morphology features at the pixels of ``mask`` only (raster order).
+
+    Channels: 0 haematoxylin, 1 eosin, 2-4 RGB, 5 gray, 6 gradient, 7 haematoxylin^2, 8 gray^2 (the squares give
+    standard deviations).
+    """
+    px = rgb[mask]
+    hed = _hed(px)
+    g = gray[mask]
+    out = np.empty((len(px), 9), dtype=np.float32)
+    out[:, :2] = hed[:, :2]
+    out[:, 2:5] = px.astype(np.float32) / 255.0
+    out[:, 5] = g
+    out[:, 6] = grad[mask]
+    out[:, 7] = hed[:, 0] ** 2
+    out[:, 8] = g**2
+    return out
+
+
 def _morphology_tile(data, polys, ids, offset, mpp, ring_um):
     from skimage.filters import sobel
     from skimage.segmentation import expand_labels
@@ -192,16 +214,11 @@ def _morphology_tile(data, polys, ids, offset, mpp, ring_um):
     rgb = to_rgb_uint8(np.asarray(data))
     shape = rgb.shape[:2]
     labels = _rasterize_local(polys, ids, shape, offset)
-    hed = _hed(rgb)
     gray = rgb.mean(axis=-1).astype(np.float32) / 255.0
     grad = sobel(gray).astype(np.float32)
-    # channels: 0 H, 1 E, 2-4 RGB, 5 gray, 6 gradient, 7 H^2, 8 gray^2 (squares give standard deviations)
-    intensity = np.dstack(
-        [hed[..., 0], hed[..., 1], rgb.astype(np.float32) / 255.0, gray, grad, hed[..., 0] ** 2, gray**2]
-    )
-    df = _region_features(labels, intensity, shape=True)
+    df = _region_features(labels, _pixel_channels(rgb, gray, grad, labels > 0), shape=True)
     ring_labels = expand_labels(labels, distance=max(ring_um / mpp, 1.0)) * (labels == 0)
-    ring = _region_features(ring_labels, intensity, shape=False)
+    ring = _region_features(ring_labels, _pixel_channels(rgb, gray, grad, ring_labels > 0), shape=False)
     mpp2 = mpp**2
     out = pd.DataFrame(index=pd.Index(ids, name=Col.CELL_ID))
     out["area_um2"] = df["area"] * mpp2
