@@ -3,6 +3,7 @@
 Usage (from the repository root):
 
     python benchmarks/slide_scale.py [--parts slide members cohort million hgsc] [--workdir /tmp/scellst_slide_scale]
+        [--reuse-slide] [--patience N]
 
 Parts:
 
@@ -80,17 +81,37 @@ def _cell_pearson(sdata) -> tuple[float, int, int]:
     return float(np.mean(r)), int(ok.sum()), len(genes)
 
 
-def part_slide(work: Path, size_um: float) -> None:
+_SLIDE_ELEMENTS = {"he", "spots", "true_cells", "spots_counts", "true_expression"}  # what _write_slide makes
+
+
+def _reused_slide(store: Path):
+    """The slide of an earlier run, with everything the pipeline made removed (from the store too)."""
+    import spatialdata as sd
+
+    sdata = sd.read_zarr(store)
+    made = [name for _, name, _ in sdata.gen_elements() if name not in _SLIDE_ELEMENTS]
+    for name in made:
+        sdata.delete_element_from_disk(name)
+        del sdata[name]
+    n_px = int(np.prod(sdata.images["he"].shape[1:]))
+    print(f"reusing {store} (removed {', '.join(made) or 'nothing'})")
+    return sdata, n_px, len(sdata.shapes["true_cells"])
+
+
+def part_slide(work: Path, size_um: float, *, reuse: bool = False, patience: int | None = None) -> None:
     import spatialdata as sd
 
     import scellst
 
     store = work / "slide.zarr"
-    with PeakRSS() as m:
-        n_px, n_true = _write_slide(store, seed=0, size_um=size_um)
+    if reuse and (store / "shapes" / "true_cells").exists():
+        sdata, n_px, n_true = _reused_slide(store)
+    else:
+        with PeakRSS() as m:
+            n_px, n_true = _write_slide(store, seed=0, size_um=size_um)
+        print(f"  generate + write to zarr (not a pipeline stage): {m.seconds:.0f} s, peak {m.peak:.2f} GiB")
+        sdata = sd.read_zarr(store)
     print(f"slide: {int(np.sqrt(n_px)):,} x {int(np.sqrt(n_px)):,} px ({n_px / 1e6:.0f} MP), {n_true:,} true cells")
-    print(f"  generate + write to zarr (not a pipeline stage): {m.seconds:.0f} s, peak {m.peak:.2f} GiB")
-    sdata = sd.read_zarr(store)
     stages = {}
 
     def stage(name, func):
@@ -103,9 +124,12 @@ def part_slide(work: Path, size_um: float) -> None:
     stage("segment", lambda: scellst.im.segment_nuclei(sdata, show_progress_bar=False))
     stage("embed", lambda: scellst.im.embed_cells(sdata, show_progress_bar=False))
     stage("assign", lambda: scellst.pp.assign_cells(sdata))
-    model = stage("train", lambda: scellst.tl.train(sdata, show_progress_bar=False))
+    model = stage("train", lambda: scellst.tl.train(sdata, patience=patience, show_progress_bar=False))
     stage("predict", lambda: scellst.tl.predict(sdata, model))
     model.save(work / "model.pt")
+    print(f"  training: patience {model.params['patience']} epochs, members stopped after "
+          f"{[len(h['val_loss']) for h in model.history]} epochs, best epochs {model.params['best_epochs']}, "
+          f"best validation losses {[round(min(h['val_loss']), 4) for h in model.history]}")  # fmt: skip
     total = sum(s for s, _ in stages.values())
     peak = max(p for _, p in stages.values())
     n_nuc = len(sdata.shapes["nuclei"])
@@ -277,11 +301,17 @@ def main() -> None:
     parser.add_argument("--cohort-size-um", type=float, default=1500.0)
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="0: threads, no cluster")
     parser.add_argument("--cells", type=int, default=1_000_000)
+    parser.add_argument(
+        "--reuse-slide",
+        action="store_true",
+        help="slide: reuse the slide written by an earlier run (its derived elements are removed)",
+    )
+    parser.add_argument("--patience", type=int, default=None, help="slide: the training patience (default: auto)")
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     if "slide" in args.parts:
-        part_slide(args.workdir, args.size_um)
+        part_slide(args.workdir, args.size_um, reuse=args.reuse_slide, patience=args.patience)
     if "members" in args.parts:
         part_members(args.workdir)
     if "cohort" in args.parts:

@@ -69,22 +69,10 @@ SHAPE_FEATURES = MORPHOLOGY_FEATURES[:8] + MORPHOLOGY_FEATURES[-2:]
 
 
 def _rasterize_local(polys: list, ids: np.ndarray, shape: tuple[int, int], offset: tuple[int, int]) -> np.ndarray:
-    from skimage.draw import polygon as draw_polygon
+    """The nuclei's label image in a tile (a nucleus smaller than a pixel keeps its centroid pixel)."""
+    from ._raster import fill_polygons
 
-    oy, ox = offset
-    out = np.zeros(shape, dtype=np.int32)
-    for poly, i in zip(polys, ids, strict=True):
-        xy = np.asarray(poly.exterior.coords) if poly.geom_type == "Polygon" else None
-        if xy is None:
-            continue
-        rr, cc = draw_polygon(xy[:, 1] - oy, xy[:, 0] - ox, shape=shape)
-        if len(rr) == 0:  # sub-pixel nucleus: keep its centroid pixel
-            c = poly.centroid
-            r0, c0 = int(round(c.y - oy)), int(round(c.x - ox))
-            if 0 <= r0 < shape[0] and 0 <= c0 < shape[1]:
-                rr, cc = np.array([r0]), np.array([c0])
-        out[rr, cc] = i
-    return out
+    return fill_polygons(polys, ids, shape, offset, dtype=np.int32, keep_tiny=True)
 
 
 _PERIMETER_WEIGHTS = np.zeros(50)  # skimage.measure.perimeter (4-neighbourhood): weight of each border configuration

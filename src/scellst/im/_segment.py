@@ -408,15 +408,12 @@ def render_polygons(geoms: np.ndarray, ids: np.ndarray, tree, window: tuple[int,
     centres inside it; where polygons overlap, the later one wins).
     """
     from shapely import box
-    from skimage.draw import polygon as draw_polygon
+
+    from ._raster import fill_polygons
 
     y0, y1, x0, x1 = window
-    out = np.zeros((y1 - y0, x1 - x0), dtype=np.uint32)
-    for i in tree.query(box(x0, y0, x1, y1)):
-        xy = np.asarray(geoms[i].exterior.coords)
-        rr, cc = draw_polygon(xy[:, 1] - y0, xy[:, 0] - x0, shape=out.shape)
-        out[rr, cc] = ids[i]
-    return out
+    found = tree.query(box(x0, y0, x1, y1))
+    return fill_polygons(geoms[found], ids[found], (y1 - y0, x1 - x0), (y0, x0), dtype=np.uint32)
 
 
 def rasterize_nuclei(gdf: gpd.GeoDataFrame, shape: tuple[int, int], *, chunks: int = 2048):
