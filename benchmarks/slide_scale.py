@@ -91,8 +91,8 @@ def _reused_slide(store: Path):
     sdata = sd.read_zarr(store)
     made = [name for _, name, _ in sdata.gen_elements() if name not in _SLIDE_ELEMENTS]
     for name in made:
+        del sdata[name]  # in memory first: spatialdata refuses to delete the files of a backed element
         sdata.delete_element_from_disk(name)
-        del sdata[name]
     n_px = int(np.prod(sdata.images["he"].shape[1:]))
     print(f"reusing {store} (removed {', '.join(made) or 'nothing'})")
     return sdata, n_px, len(sdata.shapes["true_cells"])

@@ -79,3 +79,20 @@ def test_assign_cells_errors(processed):
         scellst.pp.assign_cells(sdata)  # an earlier assignment is never replaced silently
     scellst.pp.assign_cells(sdata, overwrite=True)
     assert sdata.tables["spots_counts"].obs["n_cells"].sum() == sdata.shapes["nuclei"]["spot_id"].notna().sum()
+
+
+def test_assign_cells_on_a_store_read_back(processed, tmp_path):
+    """A store read from disk lists its tables by name, so the nucleus tables are not last: assignment rewrites them."""
+    import spatialdata as sd
+
+    path = tmp_path / "slide.zarr"
+    fresh_copy(processed).write(path)
+    back = sd.read_zarr(path)
+    names = list(back.tables)
+    assert names.index("nuclei_embeddings") < len(names) - 1  # the case that broke: a rewritten table moved last
+    scellst.pp.assign_cells(back, overwrite=True)
+    again = sd.read_zarr(path)
+    np.testing.assert_array_equal(
+        again.tables["nuclei_embeddings"].obs["spot_id"].astype(str),
+        processed.tables["nuclei_embeddings"].obs["spot_id"].astype(str),
+    )

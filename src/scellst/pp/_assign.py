@@ -223,7 +223,7 @@ def assign_cells(
     persist(sdata, shapes_key)
 
     by_id = pd.Series(spot_of, index=nuclei.index.astype(str))
-    for name, table in sdata.tables.items():
+    for name, table in list(sdata.tables.items()):  # persist() re-inserts a rewritten table
         attrs = table.uns.get("spatialdata_attrs", {})
         regions = attrs.get("region", [])
         regions = [regions] if isinstance(regions, str) else list(regions)

@@ -561,6 +561,8 @@ def fit_member(
     device = settings.device
     rng = np.random.default_rng(seed)
     train_idx, val_idx = np.flatnonzero(~val_mask), np.flatnonzero(val_mask)
+    if settings.patience is None:  # called directly (fit_slides resolves it once for all members)
+        settings = replace(settings, patience=resolve_patience(None, len(train_idx), settings.batch_size, config.loss))
     bias, scale = _output_init(config, data, train_idx)
     with _SEED_LOCK:  # members trained in parallel threads each draw their initial weights from their own seed
         torch.manual_seed(seed)
