@@ -3,7 +3,7 @@
 Usage (from the repository root, with ../shared/data present):
 
     python benchmarks/segmentation.py [--steps 4000] [--unet-mpp 0.25] [--base-channels 32] [--extra consep,gbm40]
-                                      [--depth 3] [--crop-size 128] [--batch-size 8] [--device auto] [--num-workers 0]
+                                      [--depth 3] [--encoder efficientnet-lite0] [--save-models DIR] [--crop-size 128] [--batch-size 8] [--device auto] [--num-workers 0]
                                       [--monuseg-weight 1] [--hv] [--zoom LOW HIGH] [--blur P] [--n-folds 2]
                                       [--folds 0,1] [--seed 0] [--large 20000] [--self-train] [--self-rounds 3]
                                       [--fine-tune STEPS] [--fine-tune-tiles 1,3]
@@ -133,6 +133,7 @@ def monuseg(
     monuseg_weight: float = 1.0,
     seed: int = 0,
     unet: bool = True,
+    save_models: str | None = None,
 ) -> tuple[list[dict], list[dict]]:
     """Print the classical method's and the U-Nets' scores; return the tiles and the classical row of each tile."""
     import scellst
@@ -161,6 +162,11 @@ def monuseg(
             **unet_kwargs,
         )
         train_s = time.perf_counter() - t0
+        if save_models:
+            from pathlib import Path
+
+            Path(save_models).mkdir(parents=True, exist_ok=True)
+            model.save(Path(save_models) / f"monuseg_fold{k}.pt")
         rows, speed = score([imgs[i] for i in test], [masks[i] for i in test], [mpps[i] for i in test], model)
         all_rows += rows
         speeds.append(speed)
@@ -466,6 +472,13 @@ def main() -> None:
     parser.add_argument("--unet-mpp", type=float, default=0.25, help="working resolution of the U-Nets (um/px)")
     parser.add_argument("--base-channels", type=int, default=32, help="width of the U-Nets' first level")
     parser.add_argument("--depth", type=int, default=3, help="down-sampling levels of the U-Nets")
+    parser.add_argument(
+        "--encoder",
+        default=None,
+        choices=["efficientnet-lite0", "efficientnet-lite2"],
+        help="U-Nets on an ImageNet-pretrained encoder (train_segmenter(encoder=...)) instead of from scratch",
+    )
+    parser.add_argument("--save-models", default=None, help="folder where the MoNuSeg fold models are saved")
     parser.add_argument("--crop-size", type=int, default=128, help="train_segmenter(crop_size=...)")
     parser.add_argument("--batch-size", type=int, default=8, help="train_segmenter(batch_size=...)")
     parser.add_argument("--device", default="auto", help="train_segmenter(device=...): auto, cpu, cuda")
@@ -534,6 +547,7 @@ def main() -> None:
         "device": args.device,
         "num_workers": args.num_workers,
         "hv": args.hv,
+        "encoder": args.encoder,
         "zoom": args.zoom,
         "blur": args.blur,
     }
@@ -555,6 +569,7 @@ def main() -> None:
             monuseg_weight=args.monuseg_weight,
             seed=args.seed,
             unet=not args.skip_unet,
+            save_models=args.save_models,
         )
         if args.fine_tune:
             if not extra:

