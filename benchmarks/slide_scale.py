@@ -2,7 +2,7 @@
 
 Usage (from the repository root):
 
-    python benchmarks/slide_scale.py [--parts slide members cohort million hgsc] [--workdir /tmp/scellst_slide_scale]
+    python benchmarks/slide_scale.py [--parts slide members raster cohort million hgsc] [--workdir /tmp/scellst_slide_scale]
         [--reuse-slide] [--patience N]
 
 Parts:
@@ -14,6 +14,9 @@ Parts:
   the true cells, and the cell-level Pearson of the predictions against the true expression.
 - ``members``: training time per ensemble member and epoch on that slide, members one after the other
   (``n_jobs=1``) against two at a time (``n_jobs=2``).
+- ``raster``: the nucleus label image of a quarter of that slide drawn polygon by polygon with
+  ``skimage.draw.polygon`` and all at once (``im._raster.fill_polygons``, what ``segment_nuclei`` uses): time, and
+  whether the two are identical.
 - ``cohort``: ``--cohort-slides`` smaller H&E-only slides (``--cohort-size-um`` square) predicted by
   ``tl.run_predict`` with the model of ``slide`` on a ``LocalCluster`` of 1 and 2 workers: throughput and scaling.
 - ``million``: 1,000,000 cells predicted and written to a zarr store (synthetic features): time and peak memory.
@@ -203,6 +206,41 @@ def part_cohort(work: Path, n_slides: int, size_um: float, workers: list[int]) -
               f"(all processes)", flush=True)  # fmt: skip
 
 
+def part_raster(work: Path) -> None:
+    """The nucleus label image of the slide (after ``slide``): polygons drawn one by one against all at once."""
+    import spatialdata as sd
+    from shapely import STRtree, box
+    from skimage.draw import polygon as draw_polygon
+
+    from scellst.im._segment import render_polygons
+
+    nuclei = sd.read_zarr(work / "slide.zarr").shapes["nuclei"]
+    geoms, ids = nuclei.geometry.to_numpy(), nuclei.index.to_numpy().astype(np.uint32)
+    tree, side = STRtree(geoms), 2048
+    n = int(np.ceil(25_000 / side))
+    windows = [(y, min(y + side, 25_000), x, min(x + side, 25_000)) for y in range(0, n * side, side)
+               for x in range(0, n * side, side)][: int(n * n / 4)]  # fmt: skip  # a quarter of the slide
+    same = True
+    times = {"one by one (skimage.draw.polygon)": 0.0, "all at once (im._raster.fill_polygons)": 0.0}
+    for y0, y1, x0, x1 in windows:
+        t = time.perf_counter()
+        ref = np.zeros((y1 - y0, x1 - x0), dtype=np.uint32)
+        for i in tree.query(box(x0, y0, x1, y1)):
+            xy = np.asarray(geoms[i].exterior.coords)
+            rr, cc = draw_polygon(xy[:, 1] - y0, xy[:, 0] - x0, shape=ref.shape)
+            ref[rr, cc] = ids[i]
+        t1 = time.perf_counter()
+        got = render_polygons(geoms, ids, tree, (y0, y1, x0, x1))
+        t2 = time.perf_counter()
+        times["one by one (skimage.draw.polygon)"] += t1 - t
+        times["all at once (im._raster.fill_polygons)"] += t2 - t1
+        same &= bool(np.array_equal(ref, got))
+    print(f"raster: the nucleus label image of {len(windows)} blocks of {side} px (a quarter of the slide), one thread")
+    for name, secs in times.items():
+        print(f"  {name:<40} {secs:6.1f} s")
+    print(f"  identical label images: {same}")
+
+
 def part_million(work: Path, n_cells: int) -> None:
     import anndata as ad
     import geopandas as gpd
@@ -294,7 +332,7 @@ def part_hgsc(work: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--parts", nargs="+", default=["slide", "members", "cohort", "million", "hgsc"],
-                        choices=["slide", "members", "cohort", "million", "hgsc"])  # fmt: skip
+                        choices=["slide", "members", "raster", "cohort", "million", "hgsc"])  # fmt: skip
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/scellst_slide_scale"))
     parser.add_argument("--size-um", type=float, default=6250.0, help="side of the slide (6,250 um: 25,000 px)")
     parser.add_argument("--cohort-slides", type=int, default=8)
@@ -314,6 +352,8 @@ def main() -> None:
         part_slide(args.workdir, args.size_um, reuse=args.reuse_slide, patience=args.patience)
     if "members" in args.parts:
         part_members(args.workdir)
+    if "raster" in args.parts:
+        part_raster(args.workdir)
     if "cohort" in args.parts:
         part_cohort(args.workdir, args.cohort_slides, args.cohort_size_um, args.workers)
     if "million" in args.parts:
