@@ -1,8 +1,8 @@
 """Training-step and inference speed of the segmentation U-Net in float32 and bfloat16 on this CPU.
 
-Usage (from the repository root): ``python benchmarks/unet_speed.py [--steps 10]``
+Usage (from the repository root): ``python benchmarks/unet_speed.py [--steps 10] [--encoders efficientnet-lite0 ...]``
 
-Prints, for a few widths, the seconds per training step (8 random crops of 128 px, forward + backward + AdamW, as in
+Prints, for a few widths and the pretrained-encoder U-Nets, the seconds per training step (8 random crops of 128 px, forward + backward + AdamW, as in
 ``scellst.im.train_segmenter``) and the inference throughput on a 1,024 x 1,024 px image, for ``precision="fp32"``
 and ``"bf16"`` (bfloat16 is only fast on CPUs with native support; ``use_bf16("auto")`` says whether this one has).
 """
@@ -15,14 +15,15 @@ import time
 import numpy as np
 
 
-def step_seconds(base_channels: int, depth: int, precision: str, steps: int) -> float:
+def step_seconds(base_channels: int, depth: int, precision: str, steps: int, encoder: str = "") -> float:
     import torch
 
     from scellst.models import UNetConfig, build_unet
     from scellst.models._unet import use_bf16
 
     torch.manual_seed(0)
-    net = build_unet(UNetConfig(base_channels=base_channels, depth=depth)).to(memory_format=torch.channels_last)
+    config = UNetConfig(base_channels=base_channels, depth=depth, encoder=encoder)
+    net = build_unet(config).to(memory_format=torch.channels_last)
     opt = torch.optim.AdamW(net.parameters(), lr=1e-3)
     x = torch.randn(8, 3, 128, 128).contiguous(memory_format=torch.channels_last)
     target = torch.rand(8, 2, 128, 128)
@@ -39,12 +40,12 @@ def step_seconds(base_channels: int, depth: int, precision: str, steps: int) -> 
     return float(np.mean(times[2:]))
 
 
-def inference_mp_per_s(base_channels: int, depth: int, precision: str) -> float:
+def inference_mp_per_s(base_channels: int, depth: int, precision: str, encoder: str = "") -> float:
     import torch
 
     from scellst.models import NucleusUNet, UNetConfig, build_unet
 
-    config = UNetConfig(base_channels=base_channels, depth=depth, precision=precision)
+    config = UNetConfig(base_channels=base_channels, depth=depth, precision=precision, encoder=encoder)
     model = NucleusUNet(config=config, state_dict=build_unet(config).state_dict())
     rgb = np.random.default_rng(0).integers(0, 255, size=(1024, 1024, 3), dtype=np.uint8)
     model.predict_maps(rgb[:256, :256])  # warm-up
@@ -57,19 +58,23 @@ def inference_mp_per_s(base_channels: int, depth: int, precision: str) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--encoders", nargs="*", default=["efficientnet-lite0", "efficientnet-lite2"],
+                        help="pretrained-encoder U-Nets to time too (train_segmenter(encoder=...))")  # fmt: skip
     args = parser.parse_args()
     import torch
 
     from scellst.models._unet import use_bf16
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; native bfloat16: {use_bf16('auto')}")
-    for base, depth in ((16, 3), (32, 3), (32, 4)):
+    nets = [(16, 3, ""), (32, 3, ""), (32, 4, "")] + [(16, 3, e) for e in args.encoders]
+    for base, depth, encoder in nets:
         row = []
         for precision in ("fp32", "bf16"):
-            s = step_seconds(base, depth, precision, args.steps)
-            mp = inference_mp_per_s(base, depth, precision)
+            s = step_seconds(base, depth, precision, args.steps, encoder)
+            mp = inference_mp_per_s(base, depth, precision, encoder)
             row.append(f"{precision}: {s:.3f} s/step, network {mp:.2f} MP/s")
-        print(f"base_channels={base}, depth={depth}: " + "; ".join(row), flush=True)
+        name = f"encoder={encoder}" if encoder else f"base_channels={base}, depth={depth}"
+        print(f"{name}: " + "; ".join(row), flush=True)
 
 
 if __name__ == "__main__":

@@ -84,6 +84,20 @@ def hv_boundary(h: np.ndarray, v: np.ndarray, scale: float) -> np.ndarray:
     return np.clip(fall / scale, 0, 1)
 
 
+def _conv_block(cin: int, cout: int):
+    """Two 3x3 convolutions, each with batch normalisation and a ReLU: a U-Net level."""
+    from torch import nn
+
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, 3, padding=1, bias=False),
+        nn.BatchNorm2d(cout),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(cout, cout, 3, padding=1, bias=False),
+        nn.BatchNorm2d(cout),
+        nn.ReLU(inplace=True),
+    )
+
+
 def pad_multiple(config: UNetConfig) -> int:
     """Image sides must be multiples of this (the network's total down-sampling); inputs are padded to it."""
     return 32 if config.encoder else 2**config.depth
@@ -97,15 +111,7 @@ def build_unet(config: UNetConfig):
     if config.encoder:
         return _build_encoder_unet(config)
 
-    def block(cin: int, cout: int) -> nn.Sequential:
-        return nn.Sequential(
-            nn.Conv2d(cin, cout, 3, padding=1, bias=False),
-            nn.BatchNorm2d(cout),
-            nn.ReLU(inplace=True),
-            nn.Conv2d(cout, cout, 3, padding=1, bias=False),
-            nn.BatchNorm2d(cout),
-            nn.ReLU(inplace=True),
-        )
+    block = _conv_block
 
     class UNet(nn.Module):
         def __init__(self) -> None:
@@ -179,15 +185,7 @@ def _build_encoder_unet(config: UNetConfig):
     import torch
     from torch import nn
 
-    def block(cin: int, cout: int) -> nn.Sequential:
-        return nn.Sequential(
-            nn.Conv2d(cin, cout, 3, padding=1, bias=False),
-            nn.BatchNorm2d(cout),
-            nn.ReLU(inplace=True),
-            nn.Conv2d(cout, cout, 3, padding=1, bias=False),
-            nn.BatchNorm2d(cout),
-            nn.ReLU(inplace=True),
-        )
+    block = _conv_block
 
     backbone = _efficientnet(config.encoder)
     # a skip at every stride: the last feature map before each down-sampling block
