@@ -1,6 +1,7 @@
 """Training-step and inference speed of the segmentation U-Net in float32 and bfloat16 on this CPU.
 
-Usage (from the repository root): ``python benchmarks/unet_speed.py [--steps 10] [--encoders efficientnet-lite0 ...]``
+Usage (from the repository root): ``python benchmarks/unet_speed.py [--steps 10] [--precisions fp32 bf16]
+[--encoders efficientnet-lite0 ...]``
 
 Prints, for a few widths and the pretrained-encoder U-Nets, the seconds per training step (8 random crops of 128 px, forward + backward + AdamW, as in
 ``scellst.im.train_segmenter``) and the inference throughput on a 1,024 x 1,024 px image, for ``precision="fp32"``
@@ -58,6 +59,7 @@ def inference_mp_per_s(base_channels: int, depth: int, precision: str, encoder: 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
     parser.add_argument("--encoders", nargs="*", default=["efficientnet-lite0", "efficientnet-lite2"],
                         help="pretrained-encoder U-Nets to time too (train_segmenter(encoder=...))")  # fmt: skip
     args = parser.parse_args()
@@ -69,7 +71,7 @@ def main() -> None:
     nets = [(16, 3, ""), (32, 3, ""), (32, 4, "")] + [(16, 3, e) for e in args.encoders]
     for base, depth, encoder in nets:
         row = []
-        for precision in ("fp32", "bf16"):
+        for precision in args.precisions:
             s = step_seconds(base, depth, precision, args.steps, encoder)
             mp = inference_mp_per_s(base, depth, precision, encoder)
             row.append(f"{precision}: {s:.3f} s/step, network {mp:.2f} MP/s")
