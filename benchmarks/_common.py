@@ -70,6 +70,7 @@ class PeakRSS:
     def __init__(self, interval: float = 0.05) -> None:
         self.interval = interval
         self.peak = 0.0
+        self.start = 0.0
         self.seconds = 0.0
 
     def _sample(self) -> float:
@@ -93,7 +94,7 @@ class PeakRSS:
         import threading
 
         self._stop = threading.Event()
-        self.peak = self._sample()
+        self.start = self.peak = self._sample()  # resident memory when the block starts
         self._t0 = time.perf_counter()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()

@@ -2,7 +2,7 @@
 
 Usage (from the repository root):
 
-    python benchmarks/slide_scale.py [--parts slide members raster cohort million hgsc] [--workdir /tmp/scellst_slide_scale]
+    python benchmarks/slide_scale.py [--parts slide members ensemble raster cohort million hgsc] [--workdir /tmp/scellst_slide_scale]
         [--reuse-slide] [--patience N]
 
 Parts:
@@ -14,6 +14,8 @@ Parts:
   the true cells, and the cell-level Pearson of the predictions against the true expression.
 - ``members``: training time per ensemble member and epoch on that slide, members one after the other
   (``n_jobs=1``) against two at a time (``n_jobs=2``).
+- ``ensemble``: cell-level quality against ensemble size on that slide: one ``--n-models`` ensemble trained, the
+  model of its first k members scored for every k (the first k members are exactly the k-member model).
 - ``raster``: the nucleus label image of a quarter of that slide drawn polygon by polygon with
   ``skimage.draw.polygon`` and all at once (``im._raster.fill_polygons``, what ``segment_nuclei`` uses): time, and
   whether the two are identical.
@@ -69,19 +71,24 @@ def _write_slide(store: Path, *, seed: int, size_um: float, he_only: bool = Fals
 
 def _cell_pearson(sdata) -> tuple[float, int, int]:
     """Mean per-gene Pearson of predicted nuclei against the true cell at the same place (within 3 um)."""
+    pred = sdata.tables["nuclei_expression"]
+    return _pearson_to_truth(sdata, np.asarray(pred.X), np.asarray(pred.obsm["spatial"]), list(pred.var_names))
+
+
+def _pearson_to_truth(sdata, pred: np.ndarray, xy: np.ndarray, genes: list[str]) -> tuple[float, int, int]:
+    """Mean per-gene Pearson of predictions at ``xy`` (pixels) against the true cell within 3 um of each."""
     from scipy.spatial import cKDTree
 
     truth = sdata.tables["true_expression"]
-    pred = sdata.tables["nuclei_expression"]
     mpp = sdata.attrs["scellst"]["microns_per_pixel"]["he"]
     tree = cKDTree(np.asarray(truth.obsm["spatial"]) * mpp)
-    d, j = tree.query(np.asarray(pred.obsm["spatial"]) * mpp)
+    d, j = tree.query(xy * mpp)
     ok = d < 3.0
-    genes = [g for g in pred.var_names if g in truth.var_names]
-    t = np.log1p(np.asarray(truth[:, genes].X)[j[ok]])
-    p = np.asarray(pred[:, genes].X)[ok]
-    r = [np.corrcoef(p[:, i], t[:, i])[0, 1] for i in range(len(genes)) if p[:, i].std() > 0 and t[:, i].std() > 0]
-    return float(np.mean(r)), int(ok.sum()), len(genes)
+    cols = [i for i, g in enumerate(genes) if g in truth.var_names]
+    t = np.log1p(np.asarray(truth[:, [genes[i] for i in cols]].X)[j[ok]])
+    p = pred[ok][:, cols]
+    r = [np.corrcoef(p[:, i], t[:, i])[0, 1] for i in range(len(cols)) if p[:, i].std() > 0 and t[:, i].std() > 0]
+    return float(np.mean(r)), int(ok.sum()), len(cols)
 
 
 _SLIDE_ELEMENTS = {"he", "spots", "true_cells", "spots_counts", "true_expression"}  # what _write_slide makes
@@ -171,6 +178,38 @@ def part_members(work: Path) -> None:
         print(f"members: n_jobs={n_jobs}: {per_epoch[n_jobs]:.2f} s per member-epoch "
               f"(2 members: {times[4]:.1f} s for 4 epochs, {times[12]:.1f} s for 12)", flush=True)  # fmt: skip
     print(f"  two members at a time: x{per_epoch[1] / per_epoch[2]:.2f} faster per epoch")
+
+
+def part_ensemble(work: Path, n_models: int) -> None:
+    """Quality against ensemble size on the slide (after ``slide``): one ensemble trained, its first k members scored.
+
+    Member ``m`` is trained with seed ``seed + 1000 m`` and its own validation blocks whatever the ensemble size, so
+    the first k members of one ``n_models``-member training are exactly the k-member model. Each prefix predicts every
+    nucleus; the cell-level Pearson against the true expression is printed with the members' epochs.
+    """
+    import dataclasses
+
+    import spatialdata as sd
+
+    import scellst
+
+    store = work / "slide.zarr"
+    sdata = sd.read_zarr(store) if store.exists() else None
+    if sdata is None or "nuclei_embeddings" not in sdata.tables or "spot_id" not in sdata["nuclei_embeddings"].obs:
+        raise SystemExit(f"{store} has no assigned embeddings: run the `slide` part to its end first.")
+    with PeakRSS() as mem:
+        model = scellst.tl.train(sdata, n_models=n_models, show_progress_bar=False)
+    epochs = [len(h["val_loss"]) for h in model.history]
+    print(f"ensemble: {n_models} members trained in {mem.seconds:.0f} s (two at a time), stopped after {epochs} "
+          f"epochs (best {model.params['best_epochs']})", flush=True)  # fmt: skip
+    emb = sdata.tables["nuclei_embeddings"]
+    features, xy = np.asarray(emb[:, model.feature_names].X, dtype=np.float32), np.asarray(emb.obsm["spatial"])
+    for k in range(1, n_models + 1):
+        sub = dataclasses.replace(model, members=model.members[:k], history=model.history[:k])
+        r, n_matched, n_genes = _pearson_to_truth(sdata, sub.predict_cells(features), xy, list(model.genes))
+        share = sum(epochs[:k]) / sum(epochs)
+        print(f"  first {k} member(s): cell-level Pearson {r:.4f} ({n_genes} genes, {n_matched:,} nuclei matched); "
+              f"{share:.0%} of the ensemble's member-epochs", flush=True)  # fmt: skip
 
 
 def part_cohort(work: Path, n_slides: int, size_um: float, workers: list[int]) -> None:
@@ -279,8 +318,8 @@ def part_million(work: Path, n_cells: int) -> None:
         scellst.tl.predict(sdata, model, spots_key=None)
     size = sum(f.stat().st_size for f in (store / "tables" / "nuclei_expression").rglob("*") if f.is_file())
     print(f"million: {n_cells:,} cells x {len(model.genes)} genes predicted (ensemble of {model.n_models}) and written "
-          f"to zarr in {mem.seconds:.1f} s ({n_cells / mem.seconds:,.0f} cells/s), peak {mem.peak:.2f} GiB, "
-          f"{size / 1024**2:.0f} MiB on disk")  # fmt: skip
+          f"to zarr in {mem.seconds:.1f} s ({n_cells / mem.seconds:,.0f} cells/s), peak {mem.peak:.2f} GiB "
+          f"({mem.start:.2f} GiB before: the store read back, its tables in memory), {size / 1024**2:.0f} MiB on disk")  # fmt: skip
 
 
 def _visium_grid(nuclei, mpp: float):
@@ -332,7 +371,7 @@ def part_hgsc(work: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--parts", nargs="+", default=["slide", "members", "cohort", "million", "hgsc"],
-                        choices=["slide", "members", "raster", "cohort", "million", "hgsc"])  # fmt: skip
+                        choices=["slide", "members", "ensemble", "raster", "cohort", "million", "hgsc"])  # fmt: skip
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/scellst_slide_scale"))
     parser.add_argument("--size-um", type=float, default=6250.0, help="side of the slide (6,250 um: 25,000 px)")
     parser.add_argument("--cohort-slides", type=int, default=8)
@@ -344,6 +383,7 @@ def main() -> None:
         action="store_true",
         help="slide: reuse the slide written by an earlier run (its derived elements are removed)",
     )
+    parser.add_argument("--n-models", type=int, default=5, help="ensemble: members trained and scored by prefix")
     parser.add_argument("--patience", type=int, default=None, help="slide: the training patience (default: auto)")
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
@@ -352,6 +392,8 @@ def main() -> None:
         part_slide(args.workdir, args.size_um, reuse=args.reuse_slide, patience=args.patience)
     if "members" in args.parts:
         part_members(args.workdir)
+    if "ensemble" in args.parts:
+        part_ensemble(args.workdir, args.n_models)
     if "raster" in args.parts:
         part_raster(args.workdir)
     if "cohort" in args.parts:

@@ -137,6 +137,35 @@ def test_prediction_streams_dask_features(model, processed):
     np.testing.assert_allclose(model.predict_cells(lazy, batch_size=256), model.predict_cells(x), rtol=1e-4, atol=1e-5)
 
 
+def test_prediction_streams_numpy_features_in_blocks(model, processed, monkeypatch):
+    """Cells are standardised a block at a time and spots from their own cells only: the values do not change."""
+    import torch
+
+    from scellst.models import _mil
+
+    x = np.asarray(processed.tables["nuclei_embeddings"].X)
+    whole = model.predict_cells(x)
+    monkeypatch.setattr(_mil, "_BLOCK_ROWS", 97)  # many blocks, the last one short
+    blocks = list(model._blocks(x, None))
+    assert len(blocks) == -(-len(x) // 97)
+    assert [b[1] - b[0] for b in blocks[:-1]] == [97] * (len(blocks) - 1)
+    np.testing.assert_array_equal(np.concatenate([b[2] for b in blocks]), model.standardize(x))
+    # the network sees other batch sizes: float rounding only
+    np.testing.assert_allclose(model.predict_cells(x), whole, rtol=1e-6, atol=1e-6)
+    assert model.predict_cells(x[:0]).shape == (0, len(model.genes))
+
+    rng = np.random.default_rng(0)
+    bags = [rng.choice(len(x), size=k, replace=False) for k in (1, 5, 12, 30)]
+    z = model.standardize(x)  # the whole slide at once, as before streaming
+
+    def spot_means(net) -> np.ndarray:
+        with torch.no_grad():
+            return np.stack([net(torch.from_numpy(z[b]), None).numpy().mean(axis=0) for b in bags])
+
+    expected = np.mean([model._to_lognorm(spot_means(net)) for net in model.networks], axis=0)
+    np.testing.assert_allclose(model.predict_spots(x, bags), expected, rtol=1e-5, atol=1e-6)
+
+
 def test_quantile_scaling_ignores_monotone_stain_changes(model, processed):
     """The default per-slide quantile scaling: a monotone change of every feature (a stronger stain, another scanner's
     response) gives the same scaled features and the same predictions; a z-score would not."""

@@ -66,18 +66,18 @@ def build_network(
 
 
 EMBEDDING_SCALINGS = ("quantile", "slide", "global")
+_BLOCK_ROWS = 131_072  # cells standardised at once at prediction (numpy features)
 _QUANTILE_LEVELS = (np.arange(1000) + 0.5) / 1000
 
 
 def quantile_stats(features) -> np.ndarray:
     """Per-feature quantiles of one slide's raw features (1,000 levels x features), for :func:`quantile_normal`.
 
-    A dask array is read 16 columns at a time, so a whole slide's features are never in memory at once.
+    The features are read (a dask array) or converted to float64 (a numpy array) 16 columns at a time, so a whole
+    slide's features are never in memory at once, nor in double precision.
     """
-    if hasattr(features, "compute"):
-        cols = [np.asarray(features[:, j : j + 16], dtype=np.float64) for j in range(0, features.shape[1], 16)]
-        return np.concatenate([np.quantile(c, _QUANTILE_LEVELS, axis=0, method="nearest") for c in cols], axis=1)
-    return np.quantile(np.asarray(features, dtype=np.float64), _QUANTILE_LEVELS, axis=0, method="nearest")
+    cols = (np.asarray(features[:, j : j + 16], dtype=np.float64) for j in range(0, features.shape[1], 16))
+    return np.concatenate([np.quantile(c, _QUANTILE_LEVELS, axis=0, method="nearest") for c in cols], axis=1)
 
 
 def quantile_normal(x: np.ndarray, quantiles: np.ndarray) -> np.ndarray:
@@ -236,7 +236,12 @@ class ScellstModel:
         return ctx.astype(np.float32)
 
     def _blocks(self, features, context):
-        """Standardised feature blocks ``(start, stop, x, ctx)``; dask features are streamed (context-free models)."""
+        """Standardised feature blocks ``(start, stop, x, ctx)``, streamed for context-free models.
+
+        Dask features go block by block (their row chunks), numpy features ``_BLOCK_ROWS`` rows at a time: only one
+        block is standardised at once, whatever the number of cells (the scaling is row-wise, so the values are those
+        of the whole matrix standardised at once).
+        """
         stats = self._feature_stats(features)
         n = features.shape[0]
         if self.needs_context:
@@ -245,10 +250,10 @@ class ScellstModel:
             return
         if hasattr(features, "compute"):
             bounds = np.cumsum((0, *features.chunks[0]))
-            for a, b in itertools.pairwise(bounds):
-                yield int(a), int(b), self.standardize(np.asarray(features[int(a) : int(b)]), stats), None
         else:
-            yield 0, n, self.standardize(features, stats), None
+            bounds = [*range(0, n, _BLOCK_ROWS), n]
+        for a, b in itertools.pairwise(bounds):
+            yield int(a), int(b), self.standardize(np.asarray(features[int(a) : int(b)]), stats), None
 
     def predict_cells(
         self, features, *, context=None, batch_size: int = 65536, return_std: bool = False, device: Any = "cpu"
@@ -267,6 +272,8 @@ class ScellstModel:
         n, g = features.shape[0], len(self.genes)
         mean = np.empty((n, g), dtype=np.float32)
         std = np.zeros((n, g), dtype=np.float32) if return_std else None
+        if n == 0:  # no slide statistics without cells
+            return (mean, std) if return_std else mean
         dev = torch.device(device)
         nets = [net.to(dev) for net in self.networks]
         try:
@@ -313,20 +320,23 @@ class ScellstModel:
 
         from ._context import spot_means, spot_neighbors
 
-        x = self.standardize(features)
+        # only the cells in spots are standardised (with the whole slide's statistics), in bag order
+        cells = np.concatenate(bags).astype(np.int64) if len(bags) else np.zeros(0, dtype=np.int64)
+        x = self.standardize(np.asarray(features[cells]), self._feature_stats(features))
+        sizes = [len(b) for b in bags]
+        local = np.split(np.arange(len(cells)), np.cumsum(sizes)[:-1]) if len(bags) else []
         if self.teachers and spot_xy is not None:
-            spot_x = torch.from_numpy(spot_means(x, bags))
+            spot_x = torch.from_numpy(spot_means(x, local))
             nbr = torch.from_numpy(spot_neighbors(np.asarray(spot_xy), int(self.config.options["k_neighbors"])))
             with torch.no_grad():
                 outs = np.stack([self._to_lognorm(t(spot_x, nbr).numpy()) for t in self.teachers])
             return self._combine(outs)
-        cells = np.concatenate(bags) if len(bags) else np.zeros(0, dtype=int)
-        bag_index = torch.from_numpy(np.repeat(np.arange(len(bags)), [len(b) for b in bags]))
+        bag_index = torch.from_numpy(np.repeat(np.arange(len(bags)), sizes))
         ctx = None
         if self.needs_context:
             xy = None if spot_xy is None else np.asarray(spot_xy, dtype=float)
-            ctx = torch.from_numpy(self._spot_context(x, bags, xy)[bag_index.numpy()])
-        xc = torch.from_numpy(x[cells])
+            ctx = torch.from_numpy(self._spot_context(x, local, xy)[bag_index.numpy()])
+        xc = torch.from_numpy(x)
         out = []
         with torch.no_grad():
             for net in self.networks:
