@@ -57,3 +57,29 @@ def test_fill_polygons_matches_skimage_polygon_by_polygon():
         want = _one_by_one([poly], [1], (100, 90), (0.0, 0.0), True)
         np.testing.assert_array_equal(fill_polygons([poly], np.array([1]), (100, 90), keep_tiny=True), want)
     assert fill_polygons([], np.zeros(0), (5, 5)).sum() == 0
+
+
+def test_convex_hull_pixel_counts_equal_skimage():
+    """Every label's convex hull image as skimage counts it: blobs, lines, single pixels, scattered labels."""
+    from scipy import ndimage as ndi
+    from skimage.morphology import convex_hull_image
+
+    from scellst.im._raster import convex_hull_pixel_counts
+
+    rng = np.random.default_rng(1)
+    blobs = ndi.gaussian_filter((rng.random((300, 300)) > 0.6).astype(float), 2) > 0.45
+    scattered = (rng.random((120, 120)) > 0.85) * rng.integers(1, 60, (120, 120))  # labels in pieces far apart
+    lines = np.zeros((40, 40), dtype=np.int64)
+    lines[5, 3:30], lines[8:35, 20], lines[30, 30] = 1, 2, 3  # a row, a column, one pixel
+    lines[np.arange(10, 25), np.arange(2, 17)] = 4  # a diagonal
+    for labels in (ndi.label(blobs)[0], scattered, lines):
+        n = int(labels.max()) + 1
+        rows, cols = np.nonzero(labels)
+        counts = convex_hull_pixel_counts(labels[rows, cols], rows, cols, n)
+        slices = ndi.find_objects(labels)
+        present = [i for i in range(1, n) if slices[i - 1] is not None]
+        want = [convex_hull_image(labels[slices[i - 1]] == i).sum() for i in present]
+        assert len(present) > 3
+        np.testing.assert_array_equal(counts[present], want)
+        assert (counts[[i for i in range(n) if i not in present]] == 0).all()
+    assert (convex_hull_pixel_counts(np.zeros(0), np.zeros(0), np.zeros(0), 3) == 0).all()

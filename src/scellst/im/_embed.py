@@ -122,12 +122,14 @@ def _region_features(labels: np.ndarray, intensity: np.ndarray, *, shape: bool) 
 
     Columns: ``area``, ``perimeter``, ``axis_major_length``, ``axis_minor_length``, ``eccentricity``, ``solidity``,
     ``extent``, ``intensity_mean-{c}`` and ``intensity_max-0``. The values are those of
-    :func:`skimage.measure.regionprops_table` (up to float rounding); only the convex hull behind ``solidity`` is
-    computed per label. ``shape=False``: area and intensities only (rings). ``intensity`` is an ``(h, w, c)`` image
-    or the ``(n, c)`` values at the ``n`` labelled pixels only, in raster order (``image[labels > 0]``).
+    :func:`skimage.measure.regionprops_table` (up to float rounding), the convex hulls behind ``solidity`` included
+    (:func:`._raster.convex_hull_pixel_counts`). ``shape=False``: area and intensities only (rings). ``intensity`` is
+    an ``(h, w, c)`` image or the ``(n, c)`` values at the ``n`` labelled pixels only, in raster order
+    (``image[labels > 0]``).
     """
     from scipy import ndimage as ndi
-    from skimage.morphology import convex_hull_image
+
+    from ._raster import convex_hull_pixel_counts
 
     n = int(labels.max()) + 1
     flat = labels.ravel()
@@ -146,8 +148,8 @@ def _region_features(labels: np.ndarray, intensity: np.ndarray, *, shape: bool) 
         peak = np.full(n, -np.inf)
         np.maximum.at(peak, idx, values[:, 0].astype(float))
         out["intensity_max-0"] = peak[present]
-        rr, cc = np.divmod(np.flatnonzero(fg), labels.shape[1])
-        rr, cc = rr.astype(float), cc.astype(float)
+        rows, cols = np.divmod(np.flatnonzero(fg), labels.shape[1])
+        rr, cc = rows.astype(float), cols.astype(float)
         mr = np.bincount(idx, weights=rr, minlength=n)[present] / a
         mc = np.bincount(idx, weights=cc, minlength=n)[present] / a
         pos = np.searchsorted(present, idx)
@@ -166,8 +168,7 @@ def _region_features(labels: np.ndarray, intensity: np.ndarray, *, shape: bool) 
         slices = ndi.find_objects(labels)
         bbox = np.array([(s[0].stop - s[0].start) * (s[1].stop - s[1].start) for s in (slices[i - 1] for i in present)])
         out["extent"] = a / bbox
-        convex = np.array([convex_hull_image(labels[slices[i - 1]] == i).sum() for i in present], dtype=float)
-        out["solidity"] = a / convex
+        out["solidity"] = a / convex_hull_pixel_counts(idx, rows, cols, n)[present]
     return pd.DataFrame(out, index=pd.Index(present, name="label"))
 
 

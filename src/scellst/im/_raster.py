@@ -137,3 +137,64 @@ def fill_polygons(
     pixels, last = np.unique(rev_flat, return_index=True)
     out.ravel()[pixels] = values[owner[::-1][last]]
     return out
+
+
+def _group_starts(key: np.ndarray) -> np.ndarray:
+    """Where each run of equal values of a sorted array starts."""
+    return np.flatnonzero(np.r_[True, key[1:] != key[:-1]])
+
+
+def convex_hull_pixel_counts(label: np.ndarray, row: np.ndarray, col: np.ndarray, n: int) -> np.ndarray:
+    """Pixels of each label's convex hull image, as ``skimage.morphology.convex_hull_image(mask).sum()`` counts them.
+
+    ``label``, ``row``, ``col``: the labelled pixels (any order); returns ``n`` counts (0 for absent labels).
+    skimage's hull (``offset_coordinates=True``) surrounds the midpoints of the four edges of every pixel, and its
+    image holds the pixel centres inside it or on its border. Here, for all labels at once: the leftmost and rightmost
+    pixel of each label in each row give the hull's points (the hull of a set is the hull of its row ends), GEOS
+    gives the hulls (``shapely.convex_hull`` of a line through the points), and the centres are counted row by row, each hull edge cut at the
+    pixel rows it spans. All coordinates are doubled into integers, so the border test is exact.
+    """
+    import shapely
+
+    out = np.zeros(n, dtype=np.int64)
+    label, row, col = (np.asarray(a, dtype=np.int64) for a in (label, row, col))
+    if len(label) == 0:
+        return out
+    key = label * (int(row.max()) + 1) + row
+    order = np.argsort(key, kind="stable")
+    key, col = key[order], col[order]
+    start = _group_starts(key)
+    lab, r = label[order][start], row[order][start]
+    left, right = np.minimum.reduceat(col, start), np.maximum.reduceat(col, start)
+    # the midpoints of the pixel edges of the row ends, doubled: (x, y) = (2 col +- 1, 2 row) and (2 col, 2 row +- 1)
+    ys = np.stack([2 * r, 2 * r - 1, 2 * r + 1, 2 * r, 2 * r - 1, 2 * r + 1], axis=1)
+    xs = np.stack([2 * left - 1, 2 * left, 2 * left, 2 * right + 1, 2 * right, 2 * right], axis=1)
+    labels, geom = np.unique(lab, return_inverse=True)
+    points = np.column_stack([xs.ravel(), ys.ravel()]).astype(np.float64)
+    hulls = shapely.convex_hull(shapely.linestrings(points, indices=np.repeat(geom, 6)))  # hull of the vertices
+    xy, g = shapely.get_coordinates(hulls, return_index=True)  # closed rings: consecutive points are the edges
+    xy = np.rint(xy).astype(np.int64)
+    edge = np.flatnonzero(g[1:] == g[:-1])
+    x0, y0, x1, y1, g = xy[edge, 0], xy[edge, 1], xy[edge + 1, 0], xy[edge + 1, 1], g[edge]
+    swap = y0 > y1
+    x0, x1 = np.where(swap, x1, x0), np.where(swap, x0, x1)
+    y0, y1 = np.where(swap, y1, y0), np.where(swap, y0, y1)
+    # every pixel row y with 2 y within the edge's span, and the pixel centres left and right of the crossing
+    first, last = -((-y0) // 2), y1 // 2
+    n_rows = np.maximum(last - first + 1, 0)
+    e = np.repeat(np.arange(len(edge)), n_rows)
+    y = first[e] + np.arange(len(e)) - np.repeat(np.cumsum(n_rows) - n_rows, n_rows)
+    dy = (y1 - y0)[e]
+    flat = dy == 0  # a horizontal edge on a pixel row: both ends
+    num = x0[e] * dy + (x1 - x0)[e] * (2 * y - y0[e])
+    den = np.where(flat, 1, 2 * dy)
+    lo = np.where(flat, -((-np.minimum(x0, x1)[e]) // 2), -((-num) // den))
+    hi = np.where(flat, np.maximum(x0, x1)[e] // 2, num // den)
+    # per hull and row: the centres from the leftmost crossing to the rightmost
+    key = g[e] * (int(y.max()) + 2) + (y - int(y.min()) + 1) if len(e) else g[e]
+    order = np.argsort(key, kind="stable")
+    key = key[order]
+    start = _group_starts(key) if len(key) else np.zeros(0, dtype=np.int64)
+    width = np.maximum(np.maximum.reduceat(hi[order], start) - np.minimum.reduceat(lo[order], start) + 1, 0)
+    out[labels] = np.bincount(g[e][order][start], weights=width, minlength=len(labels)).astype(np.int64)
+    return out
