@@ -3,7 +3,7 @@
 Usage (from the repository root):
 
     python benchmarks/slide_scale.py [--parts slide members ensemble raster cohort million hgsc] [--workdir /tmp/scellst_slide_scale]
-        [--reuse-slide] [--patience N]
+        [--reuse-slide] [--patience N] [--n-models N]
 
 Parts:
 
@@ -108,7 +108,9 @@ def _reused_slide(store: Path):
     return sdata, n_px, len(sdata.shapes["true_cells"])
 
 
-def part_slide(work: Path, size_um: float, *, reuse: bool = False, patience: int | None = None) -> None:
+def part_slide(
+    work: Path, size_um: float, *, reuse: bool = False, patience: int | None = None, n_models: int | None = None
+) -> None:
     import spatialdata as sd
 
     import scellst
@@ -134,7 +136,9 @@ def part_slide(work: Path, size_um: float, *, reuse: bool = False, patience: int
     stage("segment", lambda: scellst.im.segment_nuclei(sdata, show_progress_bar=False))
     stage("embed", lambda: scellst.im.embed_cells(sdata, show_progress_bar=False))
     stage("assign", lambda: scellst.pp.assign_cells(sdata))
-    model = stage("train", lambda: scellst.tl.train(sdata, patience=patience, show_progress_bar=False))
+    model = stage(
+        "train", lambda: scellst.tl.train(sdata, patience=patience, n_models=n_models, show_progress_bar=False)
+    )
     stage("predict", lambda: scellst.tl.predict(sdata, model))
     model.save(work / "model.pt")
     print(f"  training: patience {model.params['patience']} epochs, members stopped after "
@@ -383,17 +387,22 @@ def main() -> None:
         action="store_true",
         help="slide: reuse the slide written by an earlier run (its derived elements are removed)",
     )
-    parser.add_argument("--n-models", type=int, default=5, help="ensemble: members trained and scored by prefix")
+    parser.add_argument(
+        "--n-models",
+        type=int,
+        default=None,
+        help="slide: ensemble members (default: train's); ensemble: members trained (default 5)",
+    )
     parser.add_argument("--patience", type=int, default=None, help="slide: the training patience (default: auto)")
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     if "slide" in args.parts:
-        part_slide(args.workdir, args.size_um, reuse=args.reuse_slide, patience=args.patience)
+        part_slide(args.workdir, args.size_um, reuse=args.reuse_slide, patience=args.patience, n_models=args.n_models)
     if "members" in args.parts:
         part_members(args.workdir)
     if "ensemble" in args.parts:
-        part_ensemble(args.workdir, args.n_models)
+        part_ensemble(args.workdir, args.n_models or 5)
     if "raster" in args.parts:
         part_raster(args.workdir)
     if "cohort" in args.parts:

@@ -95,26 +95,26 @@ def _perimeters(labels: np.ndarray, n: int) -> np.ndarray:
 
     A pixel is on the border of its label unless its four neighbours share the label; each border pixel adds the
     weight of its configuration: the code ``1 + 2 * (orthogonal border neighbours) + 10 * (diagonal ones)``, counting
-    only neighbours of the same label (what the per-object image of ``regionprops`` sees).
+    only neighbours of the same label (what the per-object image of ``regionprops`` sees). Only the labelled pixels
+    are looked at (through their flat indices in the padded image).
     """
-    lp = np.pad(labels, 1)
-    centre = lp[1:-1, 1:-1]
-    h, w = labels.shape
-
-    def shifted(a: np.ndarray, dy: int, dx: int) -> np.ndarray:
-        return a[1 + dy : 1 + dy + h, 1 + dx : 1 + dx + w]
-
-    orth, diag = ((-1, 0), (1, 0), (0, -1), (0, 1)), ((-1, -1), (-1, 1), (1, -1), (1, 1))
-    same = {d: shifted(lp, *d) == centre for d in orth + diag}
-    fg = centre > 0
-    border = fg & ~(same[orth[0]] & same[orth[1]] & same[orth[2]] & same[orth[3]])
-    bp = np.pad(border, 1)
-    code = border.astype(np.int32)
+    w = labels.shape[1]
+    lp = np.pad(labels, 1).ravel()
+    rows, cols = np.divmod(np.flatnonzero(labels), w)
+    at = (rows + 1) * (w + 2) + cols + 1  # the labelled pixels in the padded image
+    lab = lp[at]
+    orth, diag = (-(w + 2), w + 2, -1, 1), (-(w + 3), -(w + 1), w + 1, w + 3)
+    same = {d: lp[at + d] == lab for d in orth + diag}
+    border = ~(same[orth[0]] & same[orth[1]] & same[orth[2]] & same[orth[3]])
+    at, lab = at[border], lab[border]
+    is_border = np.zeros(lp.shape, dtype=bool)
+    is_border[at] = True
+    code = np.ones(len(at), dtype=np.int32)
     for d in orth:
-        code += 2 * (shifted(bp, *d) & same[d])
+        code += 2 * (is_border[at + d] & same[d][border])
     for d in diag:
-        code += 10 * (shifted(bp, *d) & same[d])
-    return np.bincount(labels[border], weights=_PERIMETER_WEIGHTS[code[border]], minlength=n)
+        code += 10 * (is_border[at + d] & same[d][border])
+    return np.bincount(lab, weights=_PERIMETER_WEIGHTS[code], minlength=n)
 
 
 def _region_features(labels: np.ndarray, intensity: np.ndarray, *, shape: bool) -> pd.DataFrame:
