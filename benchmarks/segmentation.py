@@ -8,6 +8,7 @@ Usage (from the repository root, with ../shared/data present):
                                       [--folds 0,1] [--seed 0] [--large 20000] [--self-train] [--self-rounds 3]
                                       [--fine-tune STEPS] [--fine-tune-tiles 1,3]
                                       [--skip-unet] [--skip-monuseg] [--skip-consep] [--skip-large] [--skip-her2st]
+                                      [--hgsc [MODEL ...]] [--hgsc-mpp 0.25]
 
 1. MoNuSeg (13 tiles, manual outlines): the default classical segmenter on every tile, and U-Nets from
    ``train_segmenter`` in ``--n-folds`` folds (2: even / odd tiles), each scored only on the tiles it did not see
@@ -27,6 +28,9 @@ Usage (from the repository root, with ../shared/data present):
    (another lab and organs), then fine-tuned (``train_segmenter(init=...)``) for STEPS steps on each fold's MoNuSeg
    tiles and scored on the fold's held-out tiles; ``--fine-tune-tiles 1,3``: on the first 1 and the first 3 tiles
    of each fold instead of all of them (how many annotated tiles are enough).
+7. With ``--hgsc [MODEL ...]``: agreement of the classical segmenter (and of each model file given) with the
+   reference nuclei of the two ovarian-carcinoma crops of ``histolytics_hgsc`` (a model's output, not manual
+   outlines; ``--hgsc-mpp``, default 0.25 um/px, not stated with the data), another tissue and stain; overlays in benchmarks/results/hgsc_*_overlay.png.
 """
 
 from __future__ import annotations
@@ -425,6 +429,63 @@ def her2st(self_rounds: int | None = None) -> None:
             _overlay(sdata, ["nuclei_labels", "nuclei_self_labels"], CACHE / "her2st_C2_self_overlay.png")
 
 
+def _hgsc_crops() -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """The two HGSC H&E crops with their reference nuclei as label images (the nest's own mask; the stroma's
+    polygons drawn with ``im._raster.fill_polygons``)."""
+    import geopandas as gpd
+    from skimage.io import imread
+
+    from scellst.im._raster import fill_polygons
+
+    root = DATA / "histolytics_hgsc"
+    nest = imread(root / "hgsc_nest.jpg")[..., :3]
+    crops = [("nest", nest, np.load(root / "hgsc_nest_inst_mask.npz")["nuc_raster"].astype(np.int64))]
+    stroma = imread(root / "hgsc_stromal_he.jpg")[..., :3]
+    polys = gpd.read_parquet(root / "hgsc_stromal_cells.parquet").geometry.to_numpy()
+    ref = fill_polygons(list(polys), np.arange(1, len(polys) + 1), stroma.shape[:2], (0, 0), dtype=np.int32)
+    crops.append(("stroma", stroma, ref.astype(np.int64)))
+    return crops
+
+
+def hgsc(models: list[str], mpp: float) -> None:
+    """Agreement with the HGSC reference nuclei (a model's output, not manual outlines) on another tissue and stain:
+    the classical segmenter and each model file of ``models``; an overlay of the nest crop per method
+    (benchmarks/results/hgsc_nest_overlay.png: H&E, reference, then each method's outlines)."""
+    from skimage.io import imsave
+    from skimage.segmentation import find_boundaries
+
+    from scellst.bench import evaluate_segmentation
+
+    methods = ["classical", *models]
+    crops = _hgsc_crops()
+    panels = {name: [img] for name, img, _ in crops}
+    for name, img, ref in crops:
+        over = img.copy()
+        over[find_boundaries(ref)] = [255, 255, 0]
+        panels[name].append(over)
+    for method in methods:
+        rows, seconds, mp = [], 0.0, 0.0
+        for name, img, ref in crops:
+            segment(img[:256, :256], mpp, method)  # warm-up: not timed
+            t0 = time.perf_counter()
+            labels, _ = segment(img, mpp, method)
+            seconds += time.perf_counter() - t0
+            mp += img.shape[0] * img.shape[1] / 1e6
+            row = evaluate_segmentation(labels, ref)
+            rows.append(row)
+            over = img.copy()
+            over[find_boundaries(labels)] = [0, 255, 0]
+            panels[name].append(over)
+            print(f"HGSC {name} ({ref.max():,} reference nuclei), {method}: {row['n_pred']:,} nuclei, "
+                  + ", ".join(f"{k} {row[k]:.3f}" for k in METRICS), flush=True)  # fmt: skip
+        print(f"HGSC both crops, {method}: " + ", ".join(f"{k} {v:.3f}" for k, v in summary(rows).items())
+              + f"; {mp / seconds:.2f} MP/s", flush=True)  # fmt: skip
+    CACHE.mkdir(parents=True, exist_ok=True)
+    for name in panels:
+        imsave(CACHE / f"hgsc_{name}_overlay.png", np.concatenate(panels[name], axis=1), check_contrast=False)
+    print(f"overlays: {CACHE}/hgsc_{{nest,stroma}}_overlay.png (H&E, reference in yellow, then {', '.join(methods)})")
+
+
 def resolution_check() -> None:
     """The blob scale of the nuclei (``nucleus_scale_um``, the check of a too coarse microns per pixel) on every
     annotated set, at the true resolution and stated 1.5, 2 and 3x too coarse; how many would warn."""
@@ -533,6 +594,19 @@ def main() -> None:
     parser.add_argument("--skip-her2st", action="store_true")
     parser.add_argument("--skip-resolution", action="store_true", help="skip the microns-per-pixel check readings")
     parser.add_argument("--skip-large", action="store_true")
+    parser.add_argument(
+        "--hgsc",
+        nargs="*",
+        default=None,
+        metavar="MODEL",
+        help="agreement with the HGSC reference nuclei (ovarian carcinoma): classical and these model files",
+    )
+    parser.add_argument(
+        "--hgsc-mpp",
+        type=float,
+        default=0.25,
+        help="microns per pixel of the HGSC crops (not stated with the data; see docs/segmentation.md)",
+    )
     args = parser.parse_args()
     import logging
 
@@ -590,6 +664,8 @@ def main() -> None:
         large(args.large)
     if not args.skip_her2st:
         her2st(args.self_rounds if args.self_train else None)
+    if args.hgsc is not None:
+        hgsc(args.hgsc, args.hgsc_mpp)
     print(f"peak memory (max RSS): {peak_memory_gib():.2f} GiB")
 
 
