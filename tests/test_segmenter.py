@@ -687,3 +687,21 @@ def test_encoder_unets_take_their_imagenet_weights(name):
     net.eval()
     with torch.no_grad():
         assert net(torch.rand(1, 3, 64, 96)).shape == (1, 2 + 4 + 2, 64, 96)
+
+
+@pytest.mark.parametrize("k", [2, 3, 4])
+def test_resample_rgb_integer_blocks_equal_float_means(k):
+    """The integer block sums of uint8 tiles give exactly the float32 block means, rounded, of a float copy."""
+    from scellst._utils import resample_rgb
+
+    rng = np.random.default_rng(k)
+    img = rng.integers(0, 256, size=(103, 70, 3)).astype(np.uint8)
+    img[:8] = 255  # saturated blocks
+    img[8:16, :12] = np.array([1, 2, 2, 3] * 3, dtype=np.uint8)[None, :, None]  # block means on .5 (k=2, 4)
+    padded = np.pad(img, ((0, -103 % k), (0, -70 % k), (0, 0)), mode="edge").astype(np.float32)
+    means = padded.reshape(padded.shape[0] // k, k, padded.shape[1] // k, k, 3).mean(axis=(1, 3))
+    want = np.clip(np.round(means), 0, 255).astype(np.uint8)
+    np.testing.assert_array_equal(resample_rgb(img, float(k)), want)
+    np.testing.assert_array_equal(resample_rgb(img.astype(np.float32), float(k)), want)  # the float path
+    whole = img[:96, :60]  # no partial block: nothing to pad
+    np.testing.assert_array_equal(resample_rgb(whole, float(k)), want[: 96 // k, : 60 // k])

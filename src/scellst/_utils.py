@@ -430,8 +430,18 @@ def resample_rgb(rgb: np.ndarray, factor: float) -> np.ndarray:
         k = int(round(factor))
         h, w = rgb.shape[:2]
         # a partial last block is padded with its own edge pixels (zeros would darken it into a false nucleus)
-        padded = np.pad(rgb, ((0, -h % k), (0, -w % k), (0, 0)), mode="edge").astype(np.float32)
-        out = padded.reshape(padded.shape[0] // k, k, padded.shape[1] // k, k, -1).mean(axis=(1, 3))
+        padded = np.pad(rgb, ((0, -h % k), (0, -w % k), (0, 0)), mode="edge") if h % k or w % k else rgb
+        if padded.dtype == np.uint8 and k * k * 255 < 2**24:
+            # the block sums of uint8 values as integers, then the float32 division of a float32 mean: the same
+            # values as below (sums of integers are exact in float32), without a float copy of the whole tile
+            total = np.zeros((padded.shape[0] // k, padded.shape[1] // k, padded.shape[2]), dtype=np.uint32)
+            for i in range(k):
+                for j in range(k):
+                    total += padded[i::k, j::k]
+            out = total.astype(np.float32) / np.float32(k * k)
+        else:
+            padded = padded.astype(np.float32)
+            out = padded.reshape(padded.shape[0] // k, k, padded.shape[1] // k, k, -1).mean(axis=(1, 3))
         return np.clip(np.round(out), 0, 255).astype(np.uint8)
     import torch
 
