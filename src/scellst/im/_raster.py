@@ -151,8 +151,9 @@ def convex_hull_pixel_counts(label: np.ndarray, row: np.ndarray, col: np.ndarray
     skimage's hull (``offset_coordinates=True``) surrounds the midpoints of the four edges of every pixel, and its
     image holds the pixel centres inside it or on its border. Here, for all labels at once: the leftmost and rightmost
     pixel of each label in each row give the hull's points (the hull of a set is the hull of its row ends), GEOS
-    gives the hulls (``shapely.convex_hull`` of a line through the points), and the centres are counted row by row, each hull edge cut at the
-    pixel rows it spans. All coordinates are doubled into integers, so the border test is exact.
+    gives the hulls (``shapely.convex_hull`` of a line through the points), and the centres are counted row by row,
+    each hull edge cut at the pixel rows it spans. All coordinates are doubled into integers, so the border test is
+    exact.
     """
     import shapely
 
