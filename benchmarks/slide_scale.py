@@ -204,7 +204,7 @@ def part_ensemble(work: Path, n_models: int) -> None:
     with PeakRSS() as mem:
         model = scellst.tl.train(sdata, n_models=n_models, show_progress_bar=False)
     epochs = [len(h["val_loss"]) for h in model.history]
-    print(f"ensemble: {n_models} members trained in {mem.seconds:.0f} s (two at a time), stopped after {epochs} "
+    print(f"ensemble: {n_models} members trained in {mem.seconds:.0f} s, stopped after {epochs} "
           f"epochs (best {model.params['best_epochs']})", flush=True)  # fmt: skip
     emb = sdata.tables["nuclei_embeddings"]
     features, xy = np.asarray(emb[:, model.feature_names].X, dtype=np.float32), np.asarray(emb.obsm["spatial"])
