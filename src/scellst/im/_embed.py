@@ -90,17 +90,16 @@ def _hed(rgb: np.ndarray) -> np.ndarray:
     return np.maximum(od @ hed_from_rgb.astype(np.float32), 0)
 
 
-def _perimeters(labels: np.ndarray, n: int) -> np.ndarray:
+def _perimeters(labels: np.ndarray, n: int, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
     """Perimeter of every label as :func:`skimage.measure.perimeter` (4-neighbourhood) gives it, all labels at once.
 
     A pixel is on the border of its label unless its four neighbours share the label; each border pixel adds the
     weight of its configuration: the code ``1 + 2 * (orthogonal border neighbours) + 10 * (diagonal ones)``, counting
     only neighbours of the same label (what the per-object image of ``regionprops`` sees). Only the labelled pixels
-    are looked at (through their flat indices in the padded image).
+    (``rows``, ``cols``) are looked at, through their flat indices in the padded image.
     """
     w = labels.shape[1]
     lp = np.pad(labels, 1).ravel()
-    rows, cols = np.divmod(np.flatnonzero(labels), w)
     at = (rows + 1) * (w + 2) + cols + 1  # the labelled pixels in the padded image
     lab = lp[at]
     orth, diag = (-(w + 2), w + 2, -1, 1), (-(w + 3), -(w + 1), w + 1, w + 3)
@@ -164,7 +163,7 @@ def _region_features(labels: np.ndarray, intensity: np.ndarray, *, shape: bool) 
         out["axis_minor_length"] = 4 * np.sqrt(l2)
         with np.errstate(invalid="ignore", divide="ignore"):
             out["eccentricity"] = np.where(l1 > 0, np.sqrt(1 - l2 / np.where(l1 > 0, l1, 1)), 0.0)
-        out["perimeter"] = _perimeters(labels, n)[present]
+        out["perimeter"] = _perimeters(labels, n, rows, cols)[present]
         slices = ndi.find_objects(labels)
         bbox = np.array([(s[0].stop - s[0].start) * (s[1].stop - s[1].start) for s in (slices[i - 1] for i in present)])
         out["extent"] = a / bbox

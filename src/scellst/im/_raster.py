@@ -7,6 +7,11 @@ from collections.abc import Sequence
 import numpy as np
 
 
+def _group_starts(key: np.ndarray) -> np.ndarray:
+    """Where each run of equal values of a sorted array starts."""
+    return np.flatnonzero(np.r_[True, key[1:] != key[:-1]])
+
+
 def polygon_pixels(
     polygons: Sequence, shape: tuple[int, int], offset: tuple[float, float] = (0.0, 0.0)
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -32,7 +37,7 @@ def polygon_pixels(
     xs, ys = xy[:, 0] - offset[1], xy[:, 1] - offset[0]
     # each vertex i closes the edge from the previous vertex j of its ring (the first closes from the ring's last)
     prev = np.arange(len(xy)) - 1
-    first = np.flatnonzero(np.r_[True, ring[1:] != ring[:-1]])
+    first = _group_starts(ring)
     last = np.r_[first[1:], len(xy)] - 1
     prev[first] = last
     xi, yi, xj, yj = xs, ys, xs[prev], ys[prev]
@@ -139,11 +144,6 @@ def fill_polygons(
     return out
 
 
-def _group_starts(key: np.ndarray) -> np.ndarray:
-    """Where each run of equal values of a sorted array starts."""
-    return np.flatnonzero(np.r_[True, key[1:] != key[:-1]])
-
-
 def convex_hull_pixel_counts(label: np.ndarray, row: np.ndarray, col: np.ndarray, n: int) -> np.ndarray:
     """Pixels of each label's convex hull image, as ``skimage.morphology.convex_hull_image(mask).sum()`` counts them.
 
@@ -191,11 +191,11 @@ def convex_hull_pixel_counts(label: np.ndarray, row: np.ndarray, col: np.ndarray
     den = np.where(flat, 1, 2 * dy)
     lo = np.where(flat, -((-np.minimum(x0, x1)[e]) // 2), -((-num) // den))
     hi = np.where(flat, np.maximum(x0, x1)[e] // 2, num // den)
-    # per hull and row: the centres from the leftmost crossing to the rightmost
-    key = g[e] * (int(y.max()) + 2) + (y - int(y.min()) + 1) if len(e) else g[e]
+    # per hull and row (every hull spans at least one pixel row): the centres from the leftmost crossing to the
+    # rightmost
+    key = g[e] * (int(y.max()) + 1) + y  # rows are >= 0: the hull of row r reaches no higher than 2 r - 1
     order = np.argsort(key, kind="stable")
-    key = key[order]
-    start = _group_starts(key) if len(key) else np.zeros(0, dtype=np.int64)
+    start = _group_starts(key[order])
     width = np.maximum(np.maximum.reduceat(hi[order], start) - np.minimum.reduceat(lo[order], start) + 1, 0)
     out[labels] = np.bincount(g[e][order][start], weights=width, minlength=len(labels)).astype(np.int64)
     return out
