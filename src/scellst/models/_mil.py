@@ -196,12 +196,16 @@ class ScellstModel:
             self._teachers = [] if cfg is None else self._build(MILConfig(**cfg), self.extras["teacher_members"])
         return self._teachers
 
-    def _feature_stats(self, features) -> Any:
+    def slide_stats(self, features) -> Any:
+        """What the scaling of one slide's features needs: its quantiles, its mean and sd, or the training statistics.
+
+        Pass it as ``stats`` to several predictions of the same slide to compute it once.
+        """
         return slide_stats(features, self.embedding_scaling, self.feature_mean, self.feature_std)
 
     def standardize(self, features: np.ndarray, stats: Any = None) -> np.ndarray:
         """Scale raw features as during training (per-slide quantiles or z-scores, or the training statistics)."""
-        stats = stats if stats is not None else self._feature_stats(features)
+        stats = stats if stats is not None else self.slide_stats(features)
         return apply_scaling(features, self.embedding_scaling, stats)
 
     def _to_lognorm(self, raw: np.ndarray) -> np.ndarray:
@@ -235,14 +239,14 @@ class ScellstModel:
             ctx[alone] = np.concatenate([x[alone], x[alone]], axis=1)
         return ctx.astype(np.float32)
 
-    def _blocks(self, features, context):
+    def _blocks(self, features, context, stats: Any = None):
         """Standardised feature blocks ``(start, stop, x, ctx)``, streamed for context-free models.
 
         Dask features go block by block (their row chunks), numpy features ``_BLOCK_ROWS`` rows at a time: only one
         block is standardised at once, whatever the number of cells (the scaling is row-wise, so the values are those
         of the whole matrix standardised at once).
         """
-        stats = self._feature_stats(features)
+        stats = stats if stats is not None else self.slide_stats(features)
         n = features.shape[0]
         if self.needs_context:
             x = self.standardize(np.asarray(features), stats)
@@ -256,7 +260,14 @@ class ScellstModel:
             yield int(a), int(b), self.standardize(np.asarray(features[int(a) : int(b)]), stats), None
 
     def predict_cells(
-        self, features, *, context=None, batch_size: int = 65536, return_std: bool = False, device: Any = "cpu"
+        self,
+        features,
+        *,
+        context=None,
+        batch_size: int = 65536,
+        return_std: bool = False,
+        device: Any = "cpu",
+        stats: Any = None,
     ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
         """Per-cell expression (cells x genes, log-normalised units) from the raw features of one slide.
 
@@ -265,7 +276,8 @@ class ScellstModel:
         spot context read them once). ``context`` (a :class:`scellst.models.SpotContext`: the cells' spots and/or
         positions) is needed by DeepSpot2Cell. Cells go through the network in batches of ``batch_size`` on
         ``device`` (a torch device or its name; the networks return to the CPU afterwards); with ``return_std`` the
-        spread (standard deviation) across ensemble members is returned too.
+        spread (standard deviation) across ensemble members is returned too. ``stats``: the slide's
+        :meth:`slide_stats`, when already computed.
         """
         import torch
 
@@ -278,7 +290,7 @@ class ScellstModel:
         nets = [net.to(dev) for net in self.networks]
         try:
             with torch.no_grad():
-                for b0, b1, x, ctx in self._blocks(features, context):
+                for b0, b1, x, ctx in self._blocks(features, context, stats):
                     for start in range(0, b1 - b0, batch_size):
                         xb = torch.from_numpy(x[start : start + batch_size]).to(dev)
                         cb = None if ctx is None else torch.from_numpy(ctx[start : start + batch_size]).to(dev)
@@ -291,15 +303,18 @@ class ScellstModel:
                 net.cpu()
         return (mean, std) if return_std else mean
 
-    def predict_type_weights(self, features, *, batch_size: int = 65536) -> np.ndarray:
-        """CPNN: per-cell composition weights over :attr:`cell_types` (cells x types, rows sum to one)."""
+    def predict_type_weights(self, features, *, batch_size: int = 65536, stats: Any = None) -> np.ndarray:
+        """CPNN: per-cell composition weights over :attr:`cell_types` (cells x types, rows sum to one).
+
+        ``stats`` as for :meth:`predict_cells`.
+        """
         import torch
 
         if self.config.architecture != "cpnn":
             raise ValueError(f"Only CPNN models have cell-type weights; this is a {self.model!r} model.")
         out = np.empty((features.shape[0], len(self.cell_types)), dtype=np.float32)
         with torch.no_grad():
-            for b0, b1, x, _ in self._blocks(features, None):
+            for b0, b1, x, _ in self._blocks(features, None, stats):
                 for start in range(0, b1 - b0, batch_size):
                     xb = torch.from_numpy(x[start : start + batch_size])
                     w = np.mean([net.weights(xb).numpy() for net in self.networks], axis=0)
@@ -307,14 +322,20 @@ class ScellstModel:
         return out
 
     def predict_spots(
-        self, features: np.ndarray, bags: Sequence[np.ndarray], spot_xy: np.ndarray | None = None
+        self,
+        features: np.ndarray,
+        bags: Sequence[np.ndarray],
+        spot_xy: np.ndarray | None = None,
+        *,
+        stats: Any = None,
     ) -> np.ndarray:
         """Spot-level expression (log-normalised units) for bags of cell indices into ``features`` (one slide).
 
         For ``"mse"``/``"cosine"`` this is the mean of the cells' log-normalised predictions (what the model was
         fitted to); for the count losses it is ``log1p`` of the mean predicted rate. ``spot_xy`` (spot centres)
         gives DeepSpot2Cell its neighbouring spots; for MISO, spot predictions come from the spot-level attention
-        model (which needs ``spot_xy``), otherwise from the cell-level student.
+        model (which needs ``spot_xy``), otherwise from the cell-level student. ``stats`` as for
+        :meth:`predict_cells`.
         """
         import torch
 
@@ -322,7 +343,7 @@ class ScellstModel:
 
         # only the cells in spots are standardised (with the whole slide's statistics), in bag order
         cells = np.concatenate(bags).astype(np.int64) if len(bags) else np.zeros(0, dtype=np.int64)
-        x = self.standardize(np.asarray(features[cells]), self._feature_stats(features))
+        x = self.standardize(np.asarray(features[cells]), stats if stats is not None else self.slide_stats(features))
         sizes = [len(b) for b in bags]
         local = np.split(np.arange(len(cells)), np.cumsum(sizes)[:-1]) if len(bags) else []
         if self.teachers and spot_xy is not None:

@@ -1385,12 +1385,14 @@ def predict(
     features = np.asarray(emb.X)
     context = _spot_context(sdata, emb, shapes_key, spots_key) if model.needs_context or model.teachers else None
     dev = resolve_device(device)
+    stats = model.slide_stats(features)  # once for the cells, the cell types and the spots
     if model.n_models > 1:
         values, spread = model.predict_cells(
-            features, context=context, batch_size=batch_size, return_std=True, device=dev
+            features, context=context, batch_size=batch_size, return_std=True, device=dev, stats=stats
         )
     else:
-        values, spread = model.predict_cells(features, context=context, batch_size=batch_size, device=dev), None
+        values = model.predict_cells(features, context=context, batch_size=batch_size, device=dev, stats=stats)
+        spread = None
 
     obs = emb.obs[[c for c in (Col.CELL_ID, Col.SPOT_ID) if c in emb.obs]].copy()
     obs[Col.REGION] = pd.Categorical([shapes_key] * emb.n_obs)
@@ -1398,7 +1400,7 @@ def predict(
     if spread is not None:
         table.layers["ensemble_std"] = spread
     if model.cell_types:  # CPNN: the per-cell composition over the reference types
-        weights = model.predict_type_weights(features, batch_size=batch_size)
+        weights = model.predict_type_weights(features, batch_size=batch_size, stats=stats)
         table.obsm["cell_type_weights"] = pd.DataFrame(weights, index=table.obs_names, columns=model.cell_types)
         table.obs[Col.PREDICTED_TYPE] = pd.Categorical(
             np.asarray(model.cell_types)[weights.argmax(axis=1)], categories=model.cell_types
@@ -1420,7 +1422,8 @@ def predict(
         check_writable(sdata, spots_key_added, overwrite=overwrite)
         ids, bags = _bags_from_obs(obs[Col.SPOT_ID])
         if ids:
-            spot_values = model.predict_spots(features, bags, spot_xy=context.spot_xy if context is not None else None)
+            spot_xy = context.spot_xy if context is not None else None
+            spot_values = model.predict_spots(features, bags, spot_xy=spot_xy, stats=stats)
             sobs = pd.DataFrame(
                 {
                     Col.SPOT_ID: ids,
